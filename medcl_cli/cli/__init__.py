@@ -1,0 +1,1 @@
+"""The Typer app: the only package that imports typer and rich."""

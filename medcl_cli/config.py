@@ -1,0 +1,339 @@
+"""Every default medcl has, in frozen dataclasses; YAML files and `--set key=value` override them.
+
+Precedence: dataclass defaults < `--config FILE` (repeatable, later wins) < `--set a.b=c` < explicit CLI
+flags. The YAML templates in `templates/` are commented copies of these defaults; a test keeps them equal.
+An unknown key anywhere gets a "did you mean" error (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medcl_cli.errors import UsageError, did_you_mean
+
+# --------------------------------------------------------------------------------------------------
+# ingest
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How `medcl ingest` turns DICOM/NIfTI folders into a dataset folder."""
+
+    val_fraction: float = 0.2  # fraction of patients in `val` when no --split-file is given
+    test_fraction: float = 0.0  # fraction of patients in `test`
+    seed: int = 0  # seed of the patient-level split
+    gap_factor: float = 1.5  # a slice step above gap_factor x median step is a gap (missing slices)
+    spacing_tolerance: float = 0.01  # relative step variation tolerated before "variable spacing"
+    keep_localizers: bool = False  # keep LOCALIZER / one-slice series
+    resample_tilt: bool = True  # resample gantry-tilted series onto an orthogonal grid
+    workers: int = 0  # header-reading processes; 0 = one per core
+
+
+# --------------------------------------------------------------------------------------------------
+# data, augmentation, model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How slices are cut from the volumes and preprocessed (cached once per dataset + this config)."""
+
+    image_size: int = 128  # slices are resized to image_size x image_size (labels nearest)
+    resize: str = "resize"  # resize | pad_crop
+    normalize: str = "zscore"  # zscore | minmax | percentile (per volume)
+    cache: str = "disk"  # disk (memory-mapped, reused by later runs) | ram | none
+    num_workers: str = "auto"  # data-loader workers: auto or an integer
+    partitions: int = 3  # slice_position buckets exposed as the meta label `slice_part`
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batched, on-device augmentation; geometric transforms are tracked so views can be aligned."""
+
+    rotate_deg: float = 15.0  # max absolute rotation
+    scale: float = 0.15  # scale drawn from [1 - scale, 1 + scale]
+    translate: float = 0.1  # max shift as a fraction of the image size
+    flip: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.2  # additive shift drawn from [-b, b] (on normalised intensities)
+    contrast: float = 0.25  # multiplicative factor drawn from [1 - c, 1 + c]
+    gamma: float = 0.3  # gamma drawn from exp(U(-g, g))
+    noise: float = 0.05  # std of additive Gaussian noise
+    blur_p: float = 0.0  # probability of a Gaussian blur
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net every method shares (returns logits and stage features)."""
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # ARCO / SSL4MIS widths
+    norm: str = "batch"  # batch | instance | group
+    dropout: float = 0.0
+    uafs_at: tuple[str, ...] = ()  # stage names after which a UAFS block is inserted, e.g. ["dec3"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    schedule: str = "cosine"  # cosine | poly | constant
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The fit loop: shared by pretrain and finetune."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global batch (split across DDP ranks)
+    val_every: int = 250  # validate per 3D volume every N steps (0 = only at the end)
+    checkpoint_every: int = 100  # write checkpoints/last.pt every N steps
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    labeled_fraction_per_batch: float = 0.5  # semi-supervised methods: share of labelled slices per batch
+    log_every: int = 10
+
+
+# --------------------------------------------------------------------------------------------------
+# methods (one section per registry key)
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    """Dice + cross-entropy on the labelled slices: the baseline."""
+
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """Global NT-Xent on two views of each slice (Chen et al. 2020)."""
+
+    temperature: float = 0.5  # NT-Xent temperature (Hu et al. code: 0.5)
+    proj_hidden: int = 256
+    proj_dim: int = 128
+
+
+@dataclass(frozen=True)
+class GCLConfig:
+    """Gradient-guided contrastive learning with multi-perspective meta labels (Wu et al. 2023)."""
+
+    meta_labels: tuple[str, ...] = ("patient", "phase", "slice_part")  # meta.csv columns (or derived)
+    partitions: int = 3  # buckets of slice_position for `slice_part` (ACDC: 3)
+    temperature: float = 0.1  # SupCon temperature
+    image_weight: float = 1.0
+    pixel_weight: float = 1.0
+    proj_hidden: int = 256
+    proj_dim: int = 128
+    pixel_dim: int = 64
+    combiner: str = "pcgrad"  # pcgrad | sum : how per-meta-label gradients are combined
+    surgery_on: str = "features"  # features | parameters : where gradient surgery happens
+    topk: int = 16  # Gradient Filter: pixels kept per image for the pixel-wise loss
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a command; saved as `config.yaml` in every run folder."""
+
+    method: str = "supervised"
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    gcl: GCLConfig = field(default_factory=GCLConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading, overriding, dumping
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (tuples become lists), ready for YAML or JSON."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert a YAML value to the annotated type of a field."""
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UsageError(f"config key '{where}' must be a mapping, found {value!r}")
+        return _merge(tp(), value, where)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config key '{where}' must be a list, found {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UsageError(f"config key '{where}' must be true or false, found {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UsageError(f"config key '{where}' must be an integer, found {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise UsageError(f"config key '{where}' must be an integer, found {value!r}") from None
+        if f != int(f):
+            raise UsageError(f"config key '{where}' must be an integer, found {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UsageError(f"config key '{where}' must be a number, found {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"config key '{where}' must be a number, found {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"config key '{where}' must be a string, found {value!r}")
+        return str(value)
+    return value
+
+
+def _merge(base: Any, overrides: dict[str, Any], where: str = "") -> Any:
+    """A copy of dataclass `base` with `overrides` (nested dict) applied and type-checked."""
+    if not isinstance(overrides, dict):
+        raise UsageError(f"config section '{where or 'top level'}' must be a mapping")
+    hints = _type_hints(type(base))
+    names = [f.name for f in fields(base)]
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            suggestion = did_you_mean(str(key), names)
+            raise UsageError(
+                f"unknown config key '{path}'" + (f"; {suggestion}" if suggestion else ""),
+                f"valid keys here: {', '.join(names)}",
+            )
+        current = getattr(base, key)
+        if is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value, path)
+        else:
+            changes[key] = _coerce(value, hints[key], path)
+    return replace(base, **changes)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`["train.steps=100", "gcl.temperature=0.1"]` as a nested dict (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, found '{item}'", "example: --set train.steps=200")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UsageError(f"--set expects key=value, found '{item}'", "example: --set train.steps=200")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set key '{key}' conflicts with an earlier --set")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file (safe_load only), with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        from medcl_cli.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"config file not found: {p}", "check the path given to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {p} is not valid YAML: {exc}", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    files: list[str | Path] | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Defaults < each `--config` file < `--set` items < explicit overrides (flags), validated."""
+    cfg = base or Config()
+    for f in files or []:
+        cfg = _merge(cfg, read_yaml(f))
+    cfg = _merge(cfg, parse_set(sets))
+    if overrides:
+        cfg = _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def with_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
+    """Apply dotted-key overrides (`{"train.steps": 10}`), skipping None values (unset flags)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return _merge(cfg, nested)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A Config from a dict such as `to_dict(cfg)` or a checkpoint's stored config."""
+    return _merge(Config(), data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]

@@ -1,0 +1,1 @@
+"""Reading DICOM/NIfTI, ingesting datasets, and the training slice dataset."""

@@ -1,0 +1,125 @@
+"""The dataset folder contract (design.md section 3), read by every command after `ingest`.
+
+```
+DATASET/
+  dataset.json        format_version, name, labels {"0": "background", ...}, modality, medcl_version, counts
+  cases.csv           one row per case (3D volume): CASE_COLUMNS (+ extra per-case columns, e.g. group, phase)
+  meta.csv            one row per slice: case_id, slice, slice_position (+ requested tags, joined columns)
+  images/<case_id>.nii.gz   labels/<case_id>.nii.gz   ingest_report.csv   private/ (PHI, only if asked)
+```
+Paths in cases.csv are relative to the folder; `label` is empty for an unlabelled case. `slice` is the z
+index of the NIfTI array (SimpleITK (z, y, x) order); `slice_position` is slice / (n_slices - 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medcl_cli.errors import InputNotFoundError, InvalidDataError
+
+FORMAT_VERSION = 1
+CASES_COLUMNS = [
+    "case_id",
+    "image",
+    "label",
+    "patient",
+    "split",
+    "spacing_x",
+    "spacing_y",
+    "spacing_z",
+    "size_x",
+    "size_y",
+    "size_z",
+    "source",
+    "modality",
+]
+META_BASE_COLUMNS = ["case_id", "slice", "slice_position"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DatasetFolder:
+    root: Path
+    info: dict[str, Any]
+    cases: pd.DataFrame
+    meta: pd.DataFrame
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.info.get("labels", {"0": "background"}).items()}
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels) + 1 if self.labels else 1
+
+    def image_path(self, case_id: str) -> Path:
+        row = self.cases.loc[self.cases["case_id"] == case_id].iloc[0]
+        return self.root / str(row["image"])
+
+    def label_path(self, case_id: str) -> Path | None:
+        row = self.cases.loc[self.cases["case_id"] == case_id].iloc[0]
+        lab = row["label"]
+        return None if not isinstance(lab, str) or not lab else self.root / lab
+
+    def split_cases(self, split: str) -> pd.DataFrame:
+        if split == "all":
+            return self.cases
+        return self.cases[self.cases["split"] == split]
+
+    def fingerprint(self) -> str:
+        """A short hash of the manifest files: what a cache or run was built from."""
+        h = hashlib.sha256()
+        for name in ("dataset.json", "cases.csv", "meta.csv"):
+            p = self.root / name
+            if p.exists():
+                h.update(p.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def open_dataset(path: str | Path) -> DatasetFolder:
+    """Open a dataset folder written by `medcl ingest`, with clear errors for what is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputNotFoundError(
+            f"dataset folder not found: {root}", "create one with: medcl ingest INPUT... --out DATASET"
+        )
+    missing = [n for n in ("dataset.json", "cases.csv", "meta.csv") if not (root / n).is_file()]
+    if missing:
+        raise InvalidDataError(
+            f"{root} is not a medcl dataset folder: missing {', '.join(missing)}",
+            "create one with: medcl ingest INPUT... --out DATASET (or check the path)",
+        )
+    try:
+        info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidDataError(f"{root / 'dataset.json'} is not valid JSON: {exc}", "re-run medcl ingest") from None
+    try:
+        cases = pd.read_csv(root / "cases.csv", dtype={"case_id": str, "patient": str, "label": str, "image": str})
+        meta = pd.read_csv(root / "meta.csv", dtype={"case_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InvalidDataError(f"cannot parse the CSV files of {root}: {exc}", "re-run medcl ingest") from None
+    absent = [c for c in ("case_id", "image", "label", "patient", "split") if c not in cases.columns]
+    if absent:
+        raise InvalidDataError(
+            f"{root / 'cases.csv'} lacks the column(s) {', '.join(absent)}", "re-run medcl ingest or fix the header"
+        )
+    cases["label"] = cases["label"].fillna("")
+    return DatasetFolder(root=root, info=info, cases=cases, meta=meta)
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

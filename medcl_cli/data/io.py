@@ -1,0 +1,116 @@
+"""Reading and writing volumes with their exact geometry (size, spacing, origin, direction).
+
+SimpleITK is the carrier everywhere: it keeps DICOM's LPS geometry and writes the NIfTI affine
+correctly. `sitk.GetArrayFromImage` gives arrays in (z, y, x) order; a training "slice" is one z index.
+Writes are atomic (temporary file in the same folder, then rename) and verified by reading back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medcl_cli.errors import InputNotFoundError, InvalidDataError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(s) for s in VOLUME_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """`case_0000.nii.gz` -> `case_0000`."""
+    low = name.lower()
+    for s in VOLUME_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """A NIfTI/NRRD/MHA volume with its geometry; clear errors for missing or unreadable files."""
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"image not found: {p}", "check the path")
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InvalidDataError(
+            f"cannot read {p}: {first}", "the file may be truncated or not a NIfTI/NRRD/MHA volume"
+        ) from None
+
+
+def write_image(image: sitk.Image, path: str | Path, verify: bool = True, compress: bool = True) -> Path:
+    """Write atomically (temp file + rename) and, with `verify`, read back and compare geometry and voxels."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(s for s in p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        if verify:
+            back = sitk.ReadImage(tmp)
+            if not same_grid(image, back, tol=1e-4):
+                raise InvalidDataError(f"written image {p} does not read back on the same grid")
+            if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
+                raise InvalidDataError(f"written image {p} does not read back with the same voxels")
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def geometry(image: sitk.Image) -> dict[str, list[float] | list[int]]:
+    """Size, spacing, origin and direction as plain lists (for JSON and comparisons)."""
+    return {
+        "size": list(image.GetSize()),
+        "spacing": list(image.GetSpacing()),
+        "origin": list(image.GetOrigin()),
+        "direction": list(image.GetDirection()),
+    }
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
+    """True when both images have the same size and (within `tol`) spacing, origin and direction."""
+    if a.GetSize() != b.GetSize():
+        return False
+    for x, y in (
+        (a.GetSpacing(), b.GetSpacing()),
+        (a.GetOrigin(), b.GetOrigin()),
+        (a.GetDirection(), b.GetDirection()),
+    ):
+        if not np.allclose(x, y, atol=tol, rtol=0):
+            return False
+    return True
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image) -> str:
+    """A short human description of how two grids differ ("" when they match)."""
+    parts = []
+    if a.GetSize() != b.GetSize():
+        parts.append(f"size {a.GetSize()} vs {b.GetSize()}")
+    for name, x, y in (
+        ("spacing", a.GetSpacing(), b.GetSpacing()),
+        ("origin", a.GetOrigin(), b.GetOrigin()),
+        ("direction", a.GetDirection(), b.GetDirection()),
+    ):
+        if not np.allclose(x, y, atol=1e-3, rtol=0):
+            parts.append(f"{name} {tuple(round(v, 4) for v in x)} vs {tuple(round(v, 4) for v in y)}")
+    return "; ".join(parts)
+
+
+def from_array(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Image:
+    """A SimpleITK image from a (z, y, x) array, copying the geometry of `like` when given."""
+    img = sitk.GetImageFromArray(array)
+    if like is not None:
+        img.CopyInformation(like)
+    return img

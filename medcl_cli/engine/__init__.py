@@ -1,0 +1,1 @@
+"""The fit loop, checkpoints, distributed helpers and run folders."""

@@ -1,0 +1,47 @@
+"""What `medcl info` reports: versions, the device medcl would pick, methods, templates."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+from typing import Any
+
+from medcl_cli import __version__
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def list_templates() -> list[str]:
+    root = importlib.resources.files("medcl_cli.templates")
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def collect_info() -> dict[str, Any]:
+    from medcl_cli.methods import REGISTRY
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU)"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = f"cpu ({torch.get_num_threads()} threads)"
+    except ImportError:
+        device = "torch not installed"
+    return {
+        "version": __version__,
+        "versions": {p: _version(p) for p in ("torch", "monai", "SimpleITK", "pydicom", "numpy", "pandas")},
+        "device": device,
+        "methods": {
+            k: {"title": m.title, "stages": list(m.stages), "needs": m.needs, "citation": m.citation}
+            for k, m in REGISTRY.items()
+        },
+        "templates": list_templates(),
+    }

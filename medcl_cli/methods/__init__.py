@@ -1,0 +1,53 @@
+"""The method registry: a literal dict, one entry per method file (key = file stem = template name).
+
+Importing this package imports no torch; `load_method_class` imports the method's module on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from medcl_cli.errors import UsageError, unknown_choice
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    key: str
+    title: str
+    stages: tuple[str, ...]  # "pretrain" and/or "finetune"
+    needs: str  # what data the method uses
+    citation: str
+    cls: str  # class name inside medcl_cli.methods.<key>
+
+
+REGISTRY: dict[str, MethodInfo] = {
+    "supervised": MethodInfo(
+        "supervised", "Dice + cross-entropy baseline", ("finetune",), "labelled slices", "-", "Supervised"
+    ),
+}
+
+
+def get_info(key: str, stage: str | None = None) -> MethodInfo:
+    """The registry entry of `key`, checked against `stage` with a helpful error."""
+    if key not in REGISTRY:
+        raise unknown_choice("method", key, REGISTRY)
+    info = REGISTRY[key]
+    if stage is not None and stage not in info.stages:
+        if stage == "pretrain":
+            raise UsageError(
+                f"'{key}' is a fine-tuning objective, not a pretraining method",
+                f"run it with: medcl finetune --method {key} --data DATASET --labeled N --out RUN",
+            )
+        raise UsageError(
+            f"'{key}' is a pretraining method, it has no fine-tuning objective",
+            f"pretrain with it, then fine-tune: medcl pretrain --method {key} ... && "
+            "medcl finetune --init-from RUN --method supervised ...",
+        )
+    return info
+
+
+def load_method_class(key: str) -> type:
+    info = get_info(key)
+    module = importlib.import_module(f"medcl_cli.methods.{key}")
+    return getattr(module, info.cls)

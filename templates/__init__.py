@@ -1,0 +1,1 @@
+"""YAML templates shipped with medcl (loaded with importlib.resources)."""
