@@ -6,3 +6,208 @@ Used to bound the pixel pairs of every dense loss (design.md section 5).
 from __future__ import annotations
 
 import torch
+
+
+# ==== uniform, stratified-group and antithetic sampling (ARCO, You et al., NeurIPS 2023 section 3.3) ===
+#
+# A dense loss averages a per-pixel term h over pixels; these samplers pick which pixels enter the
+# average. Candidates are described by an integer group id each (`grid_groups`, `index_order_groups`);
+# SG draws from every group in proportion to its size (Theorem 3.2: unbiased, variance never above NS);
+# SAG draws half of that and adds each draw's point reflection through its group centre (Lemma 3.1).
+
+
+def _generator_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    if generator is not None and generator.device != device:
+        raise ValueError(f"generator is on {generator.device}, candidates on {device}")
+    return generator
+
+
+def ns_indices(
+    n: int,
+    k: int,
+    *,
+    replace: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """NS: `k` indices drawn uniformly from range(n) (without replacement unless `replace` or k > n)."""
+    if n <= 0 or k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if replace or k > n:
+        return torch.randint(n, (k,), generator=generator, device=device)
+    return torch.randperm(n, generator=generator, device=device)[:k]
+
+
+def grid_cells(y: torch.Tensor, x: torch.Tensor, size: tuple[int, int], grid: int) -> torch.Tensor:
+    """Cell id (row-major, 0..grid*grid-1) of pixels (y, x) in a `grid` x `grid` partition of an H x W image.
+
+    Cell row r holds the rows y with floor(y * grid / H) = r, so cells differ by at most one pixel in size.
+    """
+    h, w = size
+    return (y * grid // h) * grid + (x * grid // w)
+
+
+def dense_groups(*keys: torch.Tensor) -> torch.Tensor:
+    """Combine integer keys (e.g. class and grid cell) into dense group ids 0..M-1 (one per distinct tuple)."""
+    combined = torch.zeros_like(keys[0], dtype=torch.long)
+    for key in keys:
+        key = key.long()
+        span = int(key.max().item()) + 1 if key.numel() else 1
+        combined = combined * span + key
+    return torch.unique(combined, return_inverse=True)[1]
+
+
+def grid_groups(
+    y: torch.Tensor, x: torch.Tensor, size: tuple[int, int], grid: int, classes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The paper's SG groups: (class, cell of a `grid` x `grid` spatial grid) as dense ids."""
+    cells = grid_cells(y, x, size, grid)
+    return dense_groups(classes, cells) if classes is not None else dense_groups(cells)
+
+
+def proportional_allocation(
+    counts: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Integer sample sizes n_m summing to k with E[n_m] = k |P_m| / |P| exactly (systematic rounding).
+
+    floor(k p_m) for every group, plus one more for the groups hit by a systematic comb through the
+    cumulative fractional parts, so each group's extra draw has probability equal to its fraction.
+    """
+    total = int(counts.sum().item())
+    if total == 0 or k <= 0:
+        return torch.zeros_like(counts)
+    expected = counts.double() * (k / total)
+    base = torch.floor(expected)
+    frac = expected - base
+    u = torch.rand((), generator=generator, device=counts.device, dtype=torch.float64)
+    cum = torch.cumsum(frac, 0)
+    prev = torch.cat([cum.new_zeros(1), cum[:-1]])
+    extra = torch.floor(cum + u - 1e-9) - torch.floor(prev + u - 1e-9)
+    alloc = (base + extra).long()
+    # float round-off can leave the total one off: fix it on the largest groups
+    diff = k - int(alloc.sum().item())
+    if diff != 0:
+        order = torch.argsort(counts, descending=True)
+        alloc[order[: abs(diff)]] += 1 if diff > 0 else -1
+        alloc.clamp_(min=0)
+    return alloc
+
+
+def sg_indices(
+    groups: torch.Tensor,
+    k: int,
+    *,
+    replace: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SG: `k` indices into `groups` (N, long group id per candidate), |D_m| proportional to |P_m|.
+
+    Inside a group the draw is uniform without replacement (with replacement when `replace` or k > N).
+    Indices come out grouped (group by group); shuffle them if order matters.
+    """
+    n = groups.numel()
+    device = groups.device
+    if n == 0 or k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    _generator_device(generator, device)
+    groups = groups.long()
+    counts = torch.bincount(groups)
+    alloc = proportional_allocation(counts, k, generator)
+    starts = torch.cumsum(counts, 0) - counts
+    if replace or k > n:
+        members = torch.argsort(groups, stable=True)
+        gid = torch.repeat_interleave(torch.arange(counts.numel(), device=device), alloc)
+        u = torch.rand(gid.numel(), generator=generator, device=device, dtype=torch.float64)
+        offset = torch.minimum((u * counts[gid]).long(), counts[gid] - 1)
+        return members[starts[gid] + offset]
+    keys = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    order = torch.argsort(groups.double() + keys)  # by group, random order inside each group
+    ranks = torch.arange(n, device=device) - starts[groups[order]]
+    return order[ranks < alloc[groups[order]]]
+
+
+def reflection_partners(
+    b: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    shape: tuple[int, int, int],
+    grid: int,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """For each candidate pixel (b, y, x), the index of the candidate at its point reflection through the
+    centre of its grid cell (p' = 2 c_m - p), or -1 when that pixel is not a candidate or is in another
+    group. `shape` = (B, H, W) of the images the pixels come from; candidates must be distinct pixels.
+    """
+    nb, h, w = shape
+    device = b.device
+    n = b.numel()
+    lookup = torch.full((nb * h * w,), -1, dtype=torch.long, device=device)
+    lookup[(b * h + y) * w + x] = torch.arange(n, device=device)
+    cy = y * grid // h
+    cx = x * grid // w
+    y0 = (cy * h + grid - 1) // grid
+    y1 = ((cy + 1) * h + grid - 1) // grid
+    x0 = (cx * w + grid - 1) // grid
+    x1 = ((cx + 1) * w + grid - 1) // grid
+    ry = y0 + y1 - 1 - y
+    rx = x0 + x1 - 1 - x
+    partner = lookup[(b * h + ry) * w + rx]
+    if groups is not None:
+        ok = partner >= 0
+        ok[ok.clone()] = groups[partner[ok]] == groups[ok]
+        partner = torch.where(ok, partner, torch.full_like(partner, -1))
+    return partner
+
+
+def sag_indices(
+    groups: torch.Tensor,
+    partners: torch.Tensor,
+    k: int,
+    *,
+    replace: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SAG: k // 2 SG draws followed by their antithetic partners (`partners[i]`, same group, or -1).
+
+    Output = cat(primaries, partners of the primaries[, one extra SG draw when k is odd]); position i and
+    i + k // 2 form a pair. A primary without a valid partner is paired with itself: partner q is then
+    still uniform over the group (q is reached from its reflection, or from itself when it has none),
+    so the estimator stays unbiased when the group is not symmetric (class-restricted groups).
+    """
+    half = k // 2
+    primaries = sg_indices(groups, half, replace=replace, generator=generator)
+    mates = partners[primaries]
+    mates = torch.where(mates >= 0, mates, primaries)
+    parts = [primaries, mates]
+    if k % 2:
+        parts.append(sg_indices(groups, 1, replace=True, generator=generator))
+    return torch.cat(parts)
+
+
+def _square_side(n: int) -> int:
+    """ceil(sqrt(n)), at least 1."""
+    side = max(1, int(n**0.5))
+    while side * side < n:
+        side += 1
+    while side > 1 and (side - 1) * (side - 1) >= n:
+        side -= 1
+    return side
+
+
+def index_order_groups(n: int, cuts: int = 4, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The official ARCO code's grouping (`grid_monte_carlo_sample`): indices 0..n-1 laid out row-major on a
+    ceil(sqrt(n)) square cut into `cuts` x `cuts` blocks; group = block. Only loosely spatial (candidate
+    order), kept as `arco.sampler = index_order` for comparison with the code.
+    """
+    side = _square_side(n)
+    i = torch.arange(n, device=device)
+    return grid_cells(i // side, i % side, (side, side), cuts)
+
+
+def index_order_partners(n: int, cuts: int = 4, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Antithetic partners for `index_order_groups`: reflection through the block centre in the square
+    layout (the code's `grid_as_monte_carlo_sample`); -1 where the reflection falls past index n-1."""
+    side = _square_side(n)
+    i = torch.arange(n, device=device)
+    zeros = torch.zeros_like(i)
+    return reflection_partners(zeros, i // side, i % side, (1, side, side), cuts)
