@@ -5,7 +5,43 @@ Used to bound the pixel pairs of every dense loss (design.md section 5).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def grid_positions(
+    shape: tuple[int, ...] | torch.Size, n: int, border: int = 0, device: torch.device | None = None
+) -> torch.Tensor:
+    """At most `n` positions on a regular grid of a feature map, `border` pixels away from its edges (PDCR).
+
+    shape: the spatial shape (H, W) or (D, H, W). The grid has the same spacing on every axis (about
+    (area / n)^(1/D)), points centred in their cells; the border shrinks on an axis too small to keep it.
+    Returns long indices (N,) into the flattened positions, N <= n, row-major order; recover coordinates
+    with `torch.unravel_index(idx, shape)`. Deterministic, like the official code's strided sampling.
+    """
+    sizes = [int(s) for s in shape]
+    if n < 1 or min(sizes) < 1:
+        raise ValueError(f"grid_positions needs n >= 1 and a non-empty shape, found n={n}, shape={sizes}")
+    borders = [min(max(int(border), 0), (s - 1) // 2) for s in sizes]
+    lengths = [s - 2 * b for s, b in zip(sizes, borders)]
+    counts = [1] * len(sizes)
+    free = list(range(len(sizes)))
+    while free:  # axes shorter than the spacing get one point; the others share n (at most D rounds)
+        spacing = (math.prod(lengths[d] for d in free) / n) ** (1.0 / len(free))
+        short = [d for d in free if lengths[d] < spacing]
+        if not short:
+            for d in free:
+                counts[d] = max(1, min(lengths[d], int(lengths[d] / spacing + 1e-9)))
+            break
+        free = [d for d in free if d not in short]
+    axes = [
+        b + ((torch.arange(g, device=device, dtype=torch.float64) + 0.5) * length / g).long()
+        for b, length, g in zip(borders, lengths, counts)
+    ]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
+    strides = torch.tensor([math.prod(sizes[d + 1 :]) for d in range(len(sizes))], device=device)
+    return (coords * strides).sum(-1)
 
 
 # ==== uniform, stratified-group and antithetic sampling (ARCO, You et al., NeurIPS 2023 section 3.3) ===
