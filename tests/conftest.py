@@ -41,3 +41,13 @@ def _quiet_threads(monkeypatch):
     """Keep torch on the machine's cores without oversubscription in tests."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A synthetic dataset folder (data/synthetic.py): 6 patients x (ED, ES), 7-9 slices of 40 x 48,
+    4 classes; patients 1-2 are `val`, 3-6 `train`. Built once per session; treat it as read-only
+    (its slice cache lives inside it and is shared by the tests)."""
+    from medcl_cli.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "dataset", seed=0)
