@@ -10,6 +10,27 @@ import math
 import torch
 
 
+def topk_saliency(
+    score: torch.Tensor, k: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k highest-scoring positions of each image (GCL's Gradient Filter).
+
+    score: B x H x W (or B x N) saliency, e.g. the per-pixel gradient magnitude of the image-wise loss.
+    valid: same shape, bool; invalid positions are picked only when fewer than k are valid.
+    Returns `idx` (B x k', long indices into the flattened H*W positions, highest first) and `keep`
+    (B x k' bool, False where the pick is an invalid position), k' = min(k, H*W). The selection is
+    discrete, so nothing flows back through it.
+    """
+    flat = score.detach().reshape(score.shape[0], -1).float()
+    kk = min(int(k), flat.shape[1])
+    if valid is not None:
+        ok = valid.reshape(flat.shape).bool()
+        flat = torch.where(ok, flat, torch.full_like(flat, float("-inf")))
+    idx = flat.topk(kk, dim=1).indices
+    keep = torch.ones_like(idx, dtype=torch.bool) if valid is None else ok.gather(1, idx)
+    return idx, keep
+
+
 def grid_positions(
     shape: tuple[int, ...] | torch.Size, n: int, border: int = 0, device: torch.device | None = None
 ) -> torch.Tensor:
