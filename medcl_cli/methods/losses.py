@@ -7,6 +7,8 @@ functions inside their section.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -109,6 +111,156 @@ def pixel_supcon(
         flat = valid.reshape(b * k)
         keys = torch.cat([flat, flat])
     return supcon(z, lab, tau, key_mask=keys)
+
+
+# ---- semicl: supervised local contrast (Hu et al., MICCAI 2021; methods.md section 2, loss 2) ----
+
+LOCAL_FORMS = ("code", "paper")
+_LOCAL_FILL = -1e4  # -inf stand-in in masked log-sum-exps (|logits| <= 1/tau): exp gives 0, grads stay finite
+
+
+def _local_rows(
+    z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, tau: float, form: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor losses G x R of the anchors `rows` (G x R indices into each group's N members) and the
+    mask of anchors whose loss is defined.
+
+    `row_ok` marks real anchors (False for padding). An anchor without positives (or, in the paper form,
+    without negatives) has no defined loss: its entry is 0 and its mask False.
+    """
+    n = z.shape[1]
+    za = torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[2]))
+    la = torch.gather(labels, 1, rows)
+    sim = torch.bmm(za, z.transpose(1, 2)) / tau  # G x R x N
+    others = (labels >= 0)[:, None, :] & (torch.arange(n, device=z.device)[None, None, :] != rows[..., None])
+    pos = others & (labels[:, None, :] == la[..., None])
+    n_pos = pos.sum(-1)
+    if form == "code":
+        lse_all = torch.logsumexp(sim.masked_fill(~others, _LOCAL_FILL), dim=-1)
+        loss = lse_all - (sim * pos).sum(-1) / n_pos.clamp(min=1)
+        ok = row_ok & (n_pos > 0)
+    else:
+        neg = others & ~pos
+        lse_pos = torch.logsumexp(sim.masked_fill(~pos, _LOCAL_FILL), dim=-1)
+        lse_neg = torch.logsumexp(sim.masked_fill(~neg, _LOCAL_FILL), dim=-1)
+        loss = (lse_neg - lse_pos) / n_pos.clamp(min=1)
+        ok = row_ok & (n_pos > 0) & neg.any(-1)
+    return torch.where(ok, loss, torch.zeros_like(loss)), ok
+
+
+class _RecomputedRows(torch.autograd.Function):
+    """`_local_rows` that keeps only its inputs for backward and recomputes the piece there, so a loop
+    over pieces holds one piece's similarity matrix at a time (activation checkpointing without
+    torch.utils.checkpoint, whose first call imports torch._dynamo: seconds on a CPU)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, tau: float, form: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(z, labels, rows, row_ok)
+        ctx.tau, ctx.form = tau, form
+        with torch.no_grad():
+            loss, ok = _local_rows(z, labels, rows, row_ok, tau, form)
+        ctx.mark_non_differentiable(ok)
+        return loss, ok
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_ok: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, labels, rows, row_ok = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            loss, _ = _local_rows(leaf, labels, rows, row_ok, ctx.tau, ctx.form)
+            (grad_z,) = torch.autograd.grad(loss, leaf, grad_loss)
+        return grad_z, None, None, None, None, None
+
+
+def local_supcon_terms(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, form: str = "code", chunk: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched, masked supervised contrast inside G independent groups of pixels (Hu et al. 2021, eq. 2).
+
+    z: G x N x D L2-normalised pixel embeddings (a group = one pool of pixels: the strided pixels of all
+    images and both views, or one spatial block of them); labels: G x N long, `-1` = ignored (neither anchor
+    nor positive nor negative: unlabelled, or outside the image after a warp), `0` = background (negative
+    only, never an anchor), `>0` = class. Positives of an anchor: the other members of its group with its
+    label; each anchor is compared with its group only.
+
+    form "code" (default): SupCon "L_out" as the authors' code computes it, per anchor
+        -(1/|P|) sum_p log( exp(s_ap/tau) / sum_{k != a} exp(s_ak/tau) ),
+    form "paper": the formula of the paper, per anchor
+        -(1/|P|) log( sum_p exp(s_ap/tau) / sum_{n in N} exp(s_an/tau) ), N = members with another label.
+    "code" is the default because the published numbers come from it, it is the form Khosla et al. found
+    to train best (the log per positive keeps every positive pulling), and it stays defined when a group
+    holds one class only (the paper form has no negatives there and drops such anchors).
+
+    Only anchor rows are computed (anchors x members, not members^2). Rows are processed in pieces of at
+    most `chunk` similarity entries, each recomputed in backward (activation checkpointing) when there is
+    more than one piece, so peak memory is bounded by `chunk` whatever the image size.
+
+    Returns (loss_sum G, anchors G): per group, the summed anchor losses and the number of anchors that
+    had a defined loss. Half-precision inputs are computed in float32.
+    """
+    if form not in LOCAL_FORMS:
+        raise ValueError(f"form must be one of {LOCAL_FORMS}, found {form!r}")
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    g, n, _ = z.shape
+    is_anchor = labels > 0
+    n_rows = int(is_anchor.sum(1).max()) if g and n else 0
+    if n_rows == 0:
+        zero = z.sum() * 0.0
+        return zero.expand(g).clone(), torch.zeros(g, dtype=torch.long, device=z.device)
+    # anchors first in each group (stable), padded to the largest anchor count
+    order = torch.sort((~is_anchor).to(torch.uint8), dim=1, stable=True).indices[:, :n_rows]
+    row_ok = torch.gather(is_anchor, 1, order)
+    per_group = max(1, chunk // max(1, n_rows * n))
+    per_rows = n_rows if per_group > 1 or n_rows * n <= chunk else max(1, chunk // n)
+    pieces = [
+        (g0, min(g, g0 + per_group), r0, min(n_rows, r0 + per_rows))
+        for g0 in range(0, g, per_group)
+        for r0 in range(0, n_rows, per_rows)
+    ]
+    loss_sum = z.new_zeros(g)
+    count = torch.zeros(g, dtype=torch.long, device=z.device)
+    for g0, g1, r0, r1 in pieces:
+        args = (z[g0:g1], labels[g0:g1], order[g0:g1, r0:r1], row_ok[g0:g1, r0:r1], tau, form)
+        if len(pieces) > 1 and torch.is_grad_enabled() and z.requires_grad:
+            loss, ok = _RecomputedRows.apply(*args)
+        else:
+            loss, ok = _local_rows(*args)
+        where = torch.arange(g0, g1, device=z.device)
+        loss_sum = loss_sum.index_add(0, where, loss.sum(1))
+        count = count.index_add(0, where, ok.sum(1))
+    return loss_sum, count
+
+
+def local_supcon(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, form: str = "code", chunk: int = 1 << 22
+) -> torch.Tensor:
+    """Supervised local contrast over one pool of pixels (the stride / downsampling mode of Hu et al.).
+
+    z: N x D L2-normalised embeddings of every kept pixel of every image and view of the batch; labels: N
+    (`-1` ignored, `0` background, `>0` class). Mean over the anchors (non-background pixels with a
+    defined loss, see `local_supcon_terms`); 0 (still attached to the graph) when there is none.
+    """
+    loss_sum, count = local_supcon_terms(z[None], labels[None], tau, form, chunk)
+    return loss_sum[0] / count[0].clamp(min=1)
+
+
+def local_supcon_blocks(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, form: str = "code", chunk: int = 1 << 22
+) -> torch.Tensor:
+    """Supervised local contrast inside spatial blocks (the block-division mode of Hu et al.).
+
+    z: G x N x D, one row per block holding the block's pixels of every image and view; labels: G x N.
+    Each block's loss is the mean over its anchors; the result is the mean over the blocks that have
+    anchors, so all-background blocks are skipped as in the paper (the caller may drop them earlier to
+    save the head's work). 0 (still attached to the graph) when no block has an anchor.
+    """
+    loss_sum, count = local_supcon_terms(z, labels, tau, form, chunk)
+    has = count > 0
+    per_block = loss_sum / count.clamp(min=1)
+    return (per_block * has).sum() / has.sum().clamp(min=1)
 
 
 # ==== PDCR (Liu/Li et al., TMI 2022) ===============================================================

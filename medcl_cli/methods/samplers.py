@@ -65,6 +65,42 @@ def grid_positions(
     return (coords * strides).sum(-1)
 
 
+def stride_indices(
+    shape: tuple[int, ...] | torch.Size, stride: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Every `stride`-th position along each axis, from 0 (Hu et al.'s downsampling mode, s = 4).
+
+    shape: the spatial shape (H, W) or (D, H, W). Returns long indices (N,) into the flattened positions,
+    row-major, N = prod(ceil(s_i / stride)); the same as slicing the map with `[..., ::stride, ::stride]`.
+    """
+    sizes = [int(s) for s in shape]
+    if stride < 1 or min(sizes) < 1:
+        raise ValueError(f"stride_indices needs stride >= 1 and a non-empty shape, found {stride}, {sizes}")
+    flat = torch.arange(int(torch.tensor(sizes).prod()), device=device).reshape(sizes)
+    return flat[tuple(slice(None, None, stride) for _ in sizes)].reshape(-1)
+
+
+def block_partition(
+    shape: tuple[int, ...] | torch.Size, block: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Non-overlapping `block`-sized tiles of a map (Hu et al.'s block-division mode, 16 x 16 in the paper).
+
+    shape: the spatial shape (H, W) or (D, H, W). Returns long indices (num_blocks, block**D) into the
+    flattened positions: row b lists the positions of tile b (tiles in row-major order, positions inside a
+    tile row-major). Positions past the last whole tile on an axis are left out, as in the authors' code.
+    """
+    sizes = [int(s) for s in shape]
+    counts = [s // block for s in sizes] if block >= 1 else []
+    if block < 1 or min(counts) < 1:
+        raise ValueError(f"block_partition needs 1 <= block <= every side of {sizes}, found block={block}")
+    dims = len(sizes)
+    flat = torch.arange(int(torch.tensor(sizes).prod()), device=device).reshape(sizes)
+    flat = flat[tuple(slice(0, c * block) for c in counts)]
+    tiles = flat.reshape([v for c in counts for v in (c, block)])  # n0, b, n1, b, ...
+    order = [2 * i for i in range(dims)] + [2 * i + 1 for i in range(dims)]
+    return tiles.permute(order).reshape(int(torch.tensor(counts).prod()), block**dims)
+
+
 # ==== uniform, stratified-group and antithetic sampling (ARCO, You et al., NeurIPS 2023 section 3.3) ===
 #
 # A dense loss averages a per-pixel term h over pixels; these samplers pick which pixels enter the
