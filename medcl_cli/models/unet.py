@@ -160,7 +160,8 @@ class UNet(nn.Module):
     def _after(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.uafs[name](x) if name in self.uafs else x
 
-    def forward(self, x: torch.Tensor) -> NetOut:
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder stages only (enc0..encN), for global methods that never use the decoder."""
         enc: list[torch.Tensor] = []
         h = x
         for i, block in enumerate(self.encoder):
@@ -168,6 +169,11 @@ class UNet(nn.Module):
                 h = self.pool(h)
             h = self._after(f"enc{i}", block(h))
             enc.append(h)
+        return enc
+
+    def forward(self, x: torch.Tensor) -> NetOut:
+        enc = self.encode(x)
+        h = enc[-1]
         dec: list[torch.Tensor] = []
         n = len(self.decoder)
         for j, up in enumerate(self.decoder):
