@@ -147,6 +147,27 @@ class GCLConfig:
 
 
 @dataclass(frozen=True)
+class PDCRConfig:
+    """Patch-dragsaw contrastive regularisation of hidden features on top of Dice + CE (Liu/Li et al. 2022)."""
+
+    enc_stages: tuple[str, ...] = ("enc2", "enc3")  # encoder stages contrasted (paper: encoder layers 2 and 3)
+    dec_stages: tuple[str, ...] = ("dec1",)  # decoder stages contrasted (2D code: decoder features too)
+    cross_stages: tuple[str, ...] = ("enc2", "enc3")  # cross-layer term between each pair; [] = off
+    enc_weight: float = 0.1  # weight of the encoder PDCR term (paper 2D: 0.1)
+    dec_weight: float = 0.01  # weight of the decoder PDCR term (paper 2D: 0.01)
+    cross_weight: float = 0.01  # weight of the cross-layer term (paper 2D and 3D: 0.01)
+    temperature: float = 0.5  # tau (3D code: 0.5; the 2D code's 1.0 goes with its swapped sign)
+    patches: str = "hierarchical"  # hierarchical (H-PDCR, patch series) | rf (RF-PDCR, receptive field)
+    patch_sizes: tuple[int, ...] = (5, 7, 9)  # H-PDCR patch sides in input pixels (paper: 5, 7, 9)
+    combine: str = "per_size"  # per_size (one loss per patch size, paper's best) | average (ratios first)
+    enc_samples: int = 64  # grid positions per encoder stage and image (2D code: 64 and 32)
+    dec_samples: int = 32  # grid positions per decoder stage and image (2D code: 32 and 8)
+    cross_samples: int = 32  # grid positions per stage for the cross-layer term (2D code: 32)
+    border: int = 1  # feature pixels skipped at the map edges (grown so that H-PDCR patches fit)
+    cross_channels: int = 64  # output width of the 1x1 channel-adjusting convs of the cross-layer term
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a command; saved as `config.yaml` in every run folder."""
 
@@ -160,6 +181,7 @@ class Config:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     gcl: GCLConfig = field(default_factory=GCLConfig)
+    pdcr: PDCRConfig = field(default_factory=PDCRConfig)
 
 
 # --------------------------------------------------------------------------------------------------

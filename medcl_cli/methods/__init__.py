@@ -25,6 +25,14 @@ REGISTRY: dict[str, MethodInfo] = {
     "supervised": MethodInfo(
         "supervised", "Dice + cross-entropy baseline", ("finetune",), "labelled slices", "-", "Supervised"
     ),
+    "pdcr": MethodInfo(
+        "pdcr",
+        "PDCR: Dice + CE + patch-dragsaw contrast of hidden features (with the UAFS block)",
+        ("finetune",),
+        "labelled slices",
+        "Liu, Li et al., IEEE TMI 2022 (arXiv 2201.08779)",
+        "PDCR",
+    ),
 }
 
 
