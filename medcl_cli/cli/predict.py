@@ -1,0 +1,75 @@
+"""`medcl predict`: segment volumes or DICOM series with a trained run, on each input's own grid."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medcl_cli.cli import console
+from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt
+
+
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder of medcl finetune (or a checkpoint .pt file).")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="NIfTI/NRRD/MHA files, folders of them, or DICOM folders.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <name>.nii.gz and <name>.json.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="nifti, or dicom-seg (DICOM inputs; needs medcl[dicom-seg]).")
+    ] = "nifti",
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (default 16).")
+    ] = None,
+    allow_phi: Annotated[
+        bool, typer.Option("--allow-phi", help="Copy patient/study attributes into DICOM SEG outputs.")
+    ] = False,
+    device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one mask per input volume, on the input's exact grid, with a JSON sidecar.
+
+    Each <name>.nii.gz copies the input's size, spacing, origin and direction; <name>.json records the
+    label map, run id, method and the input's sha256. Outputs that exist are skipped unless --overwrite,
+    so re-running a killed predict completes only the missing cases. Exit 5 when some inputs failed
+    (the others are still written), 3 when nothing readable was found.
+
+    Example: medcl predict runs/ft scans/ --out preds/
+    """
+    from medcl_cli.cli.console import ConsoleReporter
+    from medcl_cli.engine.device import describe, resolve_device
+    from medcl_cli.errors import PartialSuccess
+    from medcl_cli.inference import load_model
+    from medcl_cli.prediction import collect_inputs, ensure_found, predict_all
+
+    reporter = ConsoleReporter()
+    dev = resolve_device(device or "auto")
+    model = load_model(run, dev)  # first: a wrong run folder fails before any DICOM is converted
+    with tempfile.TemporaryDirectory(prefix="medcl-predict-") as work:
+        found, failed = collect_inputs(list(inputs), Path(work), reporter)
+        ensure_found(found, failed, list(inputs))
+        console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
+        res = predict_all(
+            model, found, out, overwrite=overwrite, fmt=fmt, batch_size=batch_size or 16, allow_phi=allow_phi,
+            reporter=reporter,
+        )
+    res.failed = failed + res.failed
+    if as_json:
+        console.result(json.dumps({"out": str(out), "written": res.written, "skipped": res.skipped,
+                                   "failed": [{"input": i, "reason": r} for i, r in res.failed]}, indent=2))
+    else:
+        console.result(
+            f"{len(res.written)} written, {len(res.skipped)} already present, {len(res.failed)} failed -> {out}"
+        )
+        if res.skipped:
+            console.info("existing outputs were kept; give --overwrite to recompute them")
+    if res.failed:
+        shown = "; ".join(f"{i}: {r}" for i, r in res.failed[:3]) + (" ..." if len(res.failed) > 3 else "")
+        raise PartialSuccess(
+            f"{len(res.failed)} input(s) failed: {shown}", "fix or remove them and re-run; finished cases are skipped"
+        )

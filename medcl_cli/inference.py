@@ -1,0 +1,186 @@
+"""Segment a 3D volume with a trained network and return the mask on the volume's exact grid.
+
+The path is the one training uses (`data.preprocess`): the volume is normalised and cut into z-slices at
+the model size, the slices go through the network in batches (no grad; autocast on CUDA), the softmax
+probabilities are brought back to the original slice grid (`logits_to_volume`), and the argmax becomes a
+label image that copies the input's size, spacing, origin and direction (`CopyInformation`). Nothing is
+resampled in 3D, so the output lines up with the input voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from medcl_cli.data.preprocess import image_slices, logits_to_volume
+from medcl_cli.engine.device import autocast, resolve_precision
+from medcl_cli.errors import InvalidDataError
+
+DEFAULT_PREPROCESSING = {"image_size": 128, "resize": "resize", "normalize": "zscore"}
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus what the outputs must record about it."""
+
+    net: nn.Module
+    label_map: dict[int, str]
+    preprocessing: dict[str, Any]
+    method: str
+    stage: str
+    run_id: str
+    checkpoint: Path
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.label_map) + 1 if self.label_map else 1
+
+
+def normalize_label_map(raw: Any) -> dict[int, str]:
+    """`{"0": "background", ...}` (JSON keys are strings) as `{0: "background", ...}`."""
+    if not raw:
+        return {}
+    return {int(k): str(v) for k, v in dict(raw).items()}
+
+
+def _run_id(run: Path, ckpt_path: Path) -> str:
+    """The run's id from run.json when present, else the run folder's name."""
+    folder = run if run.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    meta = folder / "run.json"
+    if meta.is_file():
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            for key in ("run_id", "id", "name"):
+                if isinstance(data.get(key), str) and data[key]:
+                    return str(data[key])
+        except (json.JSONDecodeError, OSError):
+            pass
+    return folder.resolve().name
+
+
+def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The network of a run folder (best.pt, else last.pt) or checkpoint file, in eval mode on `device`."""
+    from medcl_cli.engine.checkpoint import load_network, resolve
+
+    run = Path(run)
+    ckpt_path = resolve(run)
+    net, ckpt = load_network(run, device)
+    label_map = normalize_label_map(ckpt.get("label_map"))
+    prep = {**DEFAULT_PREPROCESSING, **dict(ckpt.get("preprocessing") or {})}
+    out_channels = _out_channels(net)
+    if not label_map:
+        label_map = {i: ("background" if i == 0 else f"class_{i}") for i in range(out_channels or 1)}
+    if out_channels is not None and out_channels != max(label_map) + 1:
+        raise InvalidDataError(
+            f"checkpoint {ckpt_path} has {out_channels} output channels but a label map of {len(label_map)} classes",
+            "the checkpoint is inconsistent; re-run finetune",
+        )
+    return LoadedModel(
+        net=net,
+        label_map=label_map,
+        preprocessing=prep,
+        method=str(ckpt.get("method", "unknown")),
+        stage=str(ckpt.get("stage", "unknown")),
+        run_id=_run_id(run, ckpt_path),
+        checkpoint=ckpt_path,
+        device=torch.device(device),
+        extra={"step": ckpt.get("step")},
+    )
+
+
+def _out_channels(net: nn.Module) -> int | None:
+    head = getattr(net, "head", None)
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a network output: `NetOut.logits` (models/unet.py) or a plain tensor."""
+    return out.logits if hasattr(out, "logits") else out
+
+
+def forward_slices(net: nn.Module, slices: torch.Tensor, device: torch.device, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield `(start, probabilities)` for consecutive batches of model slices (Z x 1 x S x S), float32 on CPU."""
+    with torch.inference_mode(), autocast(device, resolve_precision("auto", device)):
+        for start in range(0, slices.shape[0], batch_size):
+            x = slices[start : start + batch_size].to(device, non_blocking=True)
+            probs = torch.softmax(_logits(net(x)).float(), dim=1)
+            yield start, probs.cpu()
+
+
+def predict_array(
+    net: nn.Module,
+    volume_zyx: np.ndarray,
+    preprocessing: dict[str, Any],
+    device: torch.device,
+    batch_size: int = 16,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Class ids (uint8, or uint16 beyond 255 classes) of a (z, y, x) volume, on that same array grid."""
+    prep = {**DEFAULT_PREPROCESSING, **preprocessing}
+    slices, info = image_slices(volume_zyx, int(prep["image_size"]), str(prep["resize"]), str(prep["normalize"]))
+    dtype = np.uint8 if (num_classes or 256) <= 256 else np.uint16
+    out = np.zeros(volume_zyx.shape, dtype=dtype)
+    for start, probs in forward_slices(net, slices, device, max(1, int(batch_size))):
+        full = logits_to_volume(probs, info)  # Z_b x K x Y x X on the original slice grid
+        out[start : start + full.shape[0]] = full.argmax(dim=1).numpy().astype(dtype)
+    return out
+
+
+def volume_array(image: sitk.Image) -> np.ndarray:
+    """The (z, y, x) voxel array of a scalar 2D or 3D image (a 2D image becomes one slice)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InvalidDataError(
+            f"expected a scalar (grey-level) image, found {image.GetNumberOfComponentsPerPixel()} components per voxel",
+            "convert colour or vector images to one channel first",
+        )
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise InvalidDataError(
+            f"expected a 2D or 3D image, found {dim}D with size {image.GetSize()}",
+            "split 4D series (e.g. cine phases) into 3D volumes first",
+        )
+    arr = sitk.GetArrayFromImage(image)
+    return arr[None] if dim == 2 else arr
+
+
+def predict_image(model: LoadedModel, image: sitk.Image, batch_size: int = 16) -> sitk.Image:
+    """The label image of `image`, on its exact grid (size, spacing, origin, direction copied)."""
+    arr = volume_array(image)
+    labels = predict_array(model.net, arr, model.preprocessing, model.device, batch_size, model.num_classes)
+    out = sitk.GetImageFromArray(labels[0] if image.GetDimension() == 2 else labels)
+    out.CopyInformation(image)
+    return out
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """SHA-256 of one file, or of the concatenated contents of several (sorted by path: a DICOM series)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = [
+    "LoadedModel",
+    "forward_slices",
+    "load_model",
+    "normalize_label_map",
+    "predict_array",
+    "predict_image",
+    "sha256_files",
+    "volume_array",
+]

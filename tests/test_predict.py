@@ -1,0 +1,93 @@
+"""`medcl predict`: outputs on the input grid, sidecars, resume by skipping, partial failure, DICOM SEG."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import volumes as V
+from medcl_cli.data.io import read_image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return V.write_run(tmp_path_factory.mktemp("pr") / "run")
+
+
+def _scans(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = {}
+    for i in range(n):
+        img, lab = V.blob_volume((38 + 4 * i, 33, 4), seed=70 + i)
+        suffix = (".nii.gz", ".nrrd", ".mha")[i % 3]
+        sitk.WriteImage(V.oblique_image(img), str(folder / f"scan{i}{suffix}"))
+        masks[f"scan{i}"] = lab
+    return masks
+
+
+def test_predict_files_and_folders_resume_and_overwrite(run, tmp_path, capsys):
+    masks = _scans(tmp_path / "in")
+    out = tmp_path / "out"
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), "--out", str(out))
+    assert code == 0, err
+    assert "3 written" in stdout
+    for name, lab in masks.items():
+        src = next((tmp_path / "in").glob(f"{name}.*"))
+        pred, inp = read_image(out / f"{name}.nii.gz"), read_image(src)
+        assert pred.GetSize() == inp.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), inp.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(pred.GetOrigin(), inp.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(pred.GetDirection(), inp.GetDirection(), atol=1e-6)
+        assert V.dice(sitk.GetArrayFromImage(pred), lab) > 0.9
+        side = json.loads((out / f"{name}.json").read_text())
+        assert side["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert side["label_map"] == {"0": "background", "1": "blob"}
+        assert side["run_id"] == "run" and side["method"] == "supervised"
+        assert side["geometry"]["size"] == list(inp.GetSize())
+    # a killed run: one case lost its sidecar (written last) -> only that case is redone
+    (out / "scan1.json").unlink()
+    before = (out / "scan0.nii.gz").stat().st_mtime_ns
+    code, stdout, _ = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), "--out", str(out), "--json")
+    res = json.loads(stdout)
+    assert code == 0 and res["written"] == ["scan1"] and sorted(res["skipped"]) == ["scan0", "scan2"]
+    assert (out / "scan0.nii.gz").stat().st_mtime_ns == before
+    code, stdout, _ = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in" / "scan0.nii.gz"), "--out", str(out),
+                                "--overwrite", "--json")
+    assert code == 0 and json.loads(stdout)["written"] == ["scan0"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_partial_failure_and_nothing_found(run, tmp_path, capsys):
+    _scans(tmp_path / "in", n=2)
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not a nifti at all")
+    out = tmp_path / "out"
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), str(tmp_path / "nope.nii.gz"),
+                                  "--out", str(out))
+    assert code == 5, err
+    assert "2 written" in stdout and "2 failed" in stdout
+    assert "broken.nii.gz" in err and "Traceback" not in err
+    assert (out / "scan0.nii.gz").is_file() and (out / "scan1.json").is_file()
+    assert not (out / "broken.json").exists() and not (out / "broken.nii.gz").exists()
+    (tmp_path / "empty").mkdir()
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "empty"), "--out", str(out))
+    assert code == 3 and "no volumes or DICOM series" in err
+
+
+def test_dicom_seg_needs_dicom_inputs(run, tmp_path, capsys):
+    _scans(tmp_path / "in", n=1)
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                             "--format", "dicom-seg")
+    assert code == 2 and "DICOM inputs" in err
