@@ -9,6 +9,8 @@ import typer
 # (command name, module under medcl_cli.cli, function name)
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "info"),
+    ("ingest", "ingest", "ingest"),
+    ("validate", "validate", "validate"),
     ("pretrain", "pretrain", "pretrain"),
     ("finetune", "finetune", "finetune"),
     ("evaluate", "evaluate", "evaluate"),

@@ -1,0 +1,230 @@
+"""One `Frame` per 2D image in a DICOM file: classic single-frame files give one, enhanced multi-frame
+objects give one per frame, read through their per-frame and shared functional groups (position,
+orientation, spacing, rescale, frame type, echo, temporal index). Every later step (grouping, sorting,
+4D splitting, meta.csv) works on frames only, so single- and multi-frame data follow one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+
+from medcl_cli.data.meta import PHI_READ, format_value
+
+if TYPE_CHECKING:
+    from medcl_cli.data.dicom_scan import Source
+
+NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "FID", "RAW", "RWV", "PLAN"}
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass
+class Frame:
+    """The header facts of one 2D image, enough to group, sort and convert it without re-reading."""
+
+    source: Source
+    index: int  # frame index inside the file (0 for single-frame files)
+    nframes: int
+    kind: str  # image | seg | other
+    sop_class: str
+    sop_uid: str
+    modality: str
+    study: str
+    series: str
+    series_number: str
+    description: str
+    image_type: tuple[str, ...]
+    rows: int
+    cols: int
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, ...] | None
+    spacing: tuple[float, float] | None  # (row spacing = y, column spacing = x), mm
+    thickness: float | None
+    between: float | None  # SpacingBetweenSlices
+    echo: float | None
+    temporal: float | None
+    acquisition: float | None
+    instance: float | None
+    trigger: float | None
+    slope: float
+    intercept: float
+    tsyntax: str
+    gantry_tilt: float
+    mosaic_n: int = 0
+    mosaic_normal: tuple[float, ...] | None = None
+    forced: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    phi: dict[str, str] = field(default_factory=dict)
+    refs: tuple[str, ...] = ()  # SEG: referenced SeriesInstanceUIDs
+    pixel_offset: int = -1  # byte offset of this frame's pixels for the fast raw path (-1: decode with pydicom)
+    dtype: str = ""  # numpy dtype of the stored pixels on the fast path
+    bits_stored: int = 0
+
+
+def _f(value: Any) -> float | None:
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _flatten(item: Any) -> dict[str, Any]:
+    """keyword -> value of one per-frame/shared functional-group item (one level of sequences deep)."""
+    flat: dict[str, Any] = {}
+    if item is None:
+        return flat
+    for elem in item:
+        if elem.VR == "SQ" and elem.value:
+            for sub in elem.value[0]:
+                if sub.VR != "SQ":
+                    flat.setdefault(sub.keyword, sub.value)
+        elif elem.VR != "SQ":
+            flat.setdefault(elem.keyword, elem.value)
+    return flat
+
+
+def _lookup(keyword: str, frame_item: dict[str, Any], shared: dict[str, Any], ds: pydicom.Dataset) -> Any:
+    for source in (frame_item, shared):
+        v = source.get(keyword)
+        if v is not None:
+            return v
+    return ds[keyword].value if keyword in ds else None
+
+
+def _mosaic(ds: pydicom.Dataset) -> tuple[int, tuple[float, ...] | None]:
+    """(number of tiles, slice normal) of a Siemens mosaic, from the CSA header (0 if unknown)."""
+    n, normal = 0, None
+    try:
+        from nibabel.nicom import csareader
+
+        csa = csareader.get_csa_header(ds, "image")
+        if csa:
+            n = int(csareader.get_n_mosaic(csa) or 0)
+            sn = csareader.get_slice_normal(csa)
+            normal = None if sn is None else tuple(float(v) for v in sn)
+    except Exception:  # noqa: BLE001 - a damaged CSA header falls back to the public tag
+        n = 0
+    if not n and (0x0019, 0x100A) in ds:
+        try:
+            n = int(ds[(0x0019, 0x100A)].value)
+        except (TypeError, ValueError):
+            n = 0
+    return n, normal
+
+
+RAW_SYNTAXES = {"1.2.840.10008.1.2": 8, "1.2.840.10008.1.2.1": 12}  # little endian -> pixel element header bytes
+
+
+def _raw_layout(ds: pydicom.Dataset, tsyntax: str, offset: int) -> tuple[int, str, int, int]:
+    """(first pixel byte, numpy dtype, bits stored, bytes per frame) when pixels can be read raw, else -1."""
+    header = RAW_SYNTAXES.get(tsyntax)
+    alloc = int(ds.get("BitsAllocated", 0) or 0)
+    if (header is None or offset < 0 or int(ds.get("SamplesPerPixel", 1) or 1) != 1 or alloc not in (8, 16, 32)
+            or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        return -1, "", 0, 0
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dtype = f"<{'i' if signed else 'u'}{alloc // 8}"
+    stored = int(ds.get("BitsStored", alloc) or alloc)
+    return offset + header, dtype, stored, int(ds.Rows) * int(ds.Columns) * alloc // 8
+
+
+def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsyntax: str, forced: bool,
+              pixel_offset: int = -1) -> list[Frame]:
+    """The frames of one header-only dataset (see module docstring)."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    phi = {k: format_value(ds[k].value) for k in PHI_READ if k in ds and ds[k].value not in (None, "")}
+    if sop_class == SEG_SOP_CLASS or modality == "SEG":
+        kind = "seg"
+    elif modality in NON_IMAGE_MODALITIES or "Rows" not in ds:
+        kind = "other"
+    else:
+        kind = "image"
+    refs: tuple[str, ...] = ()
+    if kind == "seg":
+        refs = tuple(str(it.get("SeriesInstanceUID", "")) for it in ds.get("ReferencedSeriesSequence", []) or [])
+    image_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType") or []))
+    mosaic_n, mosaic_normal = (0, None)
+    if kind == "image" and "MOSAIC" in image_type:
+        mosaic_n, mosaic_normal = _mosaic(ds)
+    base = dict(
+        source=src,
+        kind=kind,
+        sop_class=sop_class,
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        modality=modality,
+        study=str(ds.get("StudyInstanceUID", "")),
+        series=str(ds.get("SeriesInstanceUID", "")),
+        series_number=format_value(ds.get("SeriesNumber")),
+        description=format_value(ds.get("SeriesDescription")),
+        rows=int(ds.get("Rows", 0) or 0),
+        cols=int(ds.get("Columns", 0) or 0),
+        tsyntax=tsyntax,
+        gantry_tilt=_f(ds.get("GantryDetectorTilt")) or 0.0,
+        mosaic_n=mosaic_n,
+        mosaic_normal=mosaic_normal,
+        forced=forced,
+        phi=phi,
+        refs=refs,
+    )
+    if kind != "image":
+        return [
+            Frame(index=0, nframes=int(ds.get("NumberOfFrames", 1) or 1), image_type=image_type, iop=None, ipp=None,
+                  spacing=None, thickness=None, between=None, echo=None, temporal=None, acquisition=None,
+                  instance=None, trigger=None, slope=1.0, intercept=0.0, tags={}, **base)  # type: ignore[arg-type]
+        ]
+    first_pixel, dtype, bits_stored, frame_bytes = _raw_layout(ds, tsyntax, pixel_offset)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = _flatten(shared_seq[0]) if shared_seq else {}
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    items: list[Any] = list(per_frame) if per_frame else [None]
+    frames = []
+    for i, raw_item in enumerate(items):
+        item = _flatten(raw_item)
+        frame_type = _lookup("FrameType", item, shared, ds) if per_frame else None
+        ftype = tuple(str(v).strip().upper() for v in frame_type) if frame_type else image_type
+        tags = {}
+        for k in keywords:
+            tags[k] = format_value(_lookup(k, item, shared, ds))
+        temporal = _f(item.get("TemporalPositionIndex"))
+        if temporal is None:
+            temporal = _f(ds.get("TemporalPositionIdentifier"))
+        echo = _f(_lookup("EffectiveEchoTime", item, shared, ds)) if per_frame else None
+        if echo is None:
+            echo = _f(ds.get("EchoNumbers"))
+        frames.append(
+            Frame(
+                index=i,
+                nframes=nframes,
+                image_type=ftype,
+                iop=_floats(_lookup("ImageOrientationPatient", item, shared, ds), 6),
+                ipp=_floats(_lookup("ImagePositionPatient", item, shared, ds), 3),
+                spacing=_floats(_lookup("PixelSpacing", item, shared, ds), 2),  # type: ignore[arg-type]
+                thickness=_f(_lookup("SliceThickness", item, shared, ds)),
+                between=_f(_lookup("SpacingBetweenSlices", item, shared, ds)),
+                echo=echo,
+                temporal=temporal,
+                acquisition=_f(ds.get("AcquisitionNumber")),
+                instance=_f(ds.get("InstanceNumber")),
+                trigger=_f(_lookup("TriggerTime", item, shared, ds) if per_frame else ds.get("TriggerTime")),
+                slope=_f(_lookup("RescaleSlope", item, shared, ds)) or 1.0,
+                intercept=_f(_lookup("RescaleIntercept", item, shared, ds)) or 0.0,
+                tags=tags,
+                pixel_offset=first_pixel + i * frame_bytes if first_pixel >= 0 else -1,
+                dtype=dtype,
+                bits_stored=bits_stored,
+                **base,  # type: ignore[arg-type]
+            )
+        )
+    return frames
