@@ -1,0 +1,223 @@
+"""Multi-process training: torchrun environment, gloo (CPU) / nccl (CUDA), gradient averaging,
+synchronised batch norm and `gather_with_grad` for contrastive losses.
+
+Why an explicit all-reduce of gradients instead of wrapping the network in DDP: methods own their
+backward (GCL combines per-meta-label gradients with PCGrad via `torch.autograd.grad`, several methods
+run the network more than once per step, EMA teachers run without gradients). DDP's reducer hooks
+assume one forward and one `.backward()` per step and would fire mid-surgery or miss gradients. After
+the method's backward, the loop averages every parameter's gradient over the ranks in one flattened
+all-reduce (zeros for parameters without a gradient, so every rank sends the same layout). The cost is
+the same bytes as DDP, without overlap with the backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_torchrun() -> DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun (single process when absent)."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(env: DistEnv, device: torch.device) -> None:
+    """Join the process group (nccl on CUDA, gloo otherwise); nothing for one process."""
+    if not env.enabled or (dist.is_available() and dist.is_initialized()):
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def relaunch(nproc: int, args: list[str]) -> int:
+    """Run `medcl ARGS` in `nproc` processes on this machine via torch.distributed.run; its exit code."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "medcl_cli", *args,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    return subprocess.call(cmd, env=env)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The per-rank seed of dropout and method sampling (rank 0 keeps `seed`)."""
+    return int(seed) + 1_000_003 * int(rank)
+
+
+# ---- collectives with gradients --------------------------------------------------------------------
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on this rank's rows
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (equal first dims) over all ranks in rank order, gradients flowing back to every
+    rank's own rows; `x` itself with one process. Use it for the negatives of contrastive losses."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
+def average_gradients(params: Iterable[nn.Parameter], world: int) -> None:
+    """Mean of every parameter's gradient over the ranks, in one flattened all-reduce."""
+    if world <= 1:
+        return
+    ps = [p for p in params if p.requires_grad]
+    if not ps:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    i = 0
+    for p in ps:
+        n = p.numel()
+        p.grad = flat[i : i + n].view_as(p).clone()
+        i += n
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers everywhere (identical starting points)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+# ---- synchronised batch norm that also runs on CPU/gloo ---------------------------------------------
+
+
+class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are computed over the whole global batch (all ranks), with
+    gradients through the all-reduce; torch's SyncBatchNorm is CUDA-only, this one also runs on gloo."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), count])
+        stats = all_reduce_sum(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1  # type: ignore[operator]
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1) * m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm as torch's SyncBatchNorm (CUDA) or `DistBatchNorm` (CPU); same state dict keys."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistBatchNorm):
+        out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+        if module.track_running_stats:
+            out.running_mean.copy_(module.running_mean)
+            out.running_var.copy_(module.running_var)
+            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device))
+    return out

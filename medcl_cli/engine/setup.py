@@ -1,0 +1,195 @@
+"""What the fit loop does before and around the steps: seeding, building the method (with --init-from
+weights), and turning the training state into a checkpoint dict and back (keys in docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medcl_cli import __version__
+from medcl_cli.config import Config, to_dict
+from medcl_cli.data.dataset import SliceSet
+from medcl_cli.engine import checkpoint as ckpt_io
+from medcl_cli.engine import distributed as D
+from medcl_cli.engine.device import describe
+from medcl_cli.engine.protocol import DataSpec, eval_net
+from medcl_cli.errors import InvalidDataError
+from medcl_cli.methods import MethodInfo, get_info, load_method_class
+from medcl_cli.models.unet import build_unet
+from medcl_cli.report import Reporter
+
+
+def seed_everything(seed: int, deterministic: bool, rep: Reporter) -> None:
+    """Seed python, numpy and torch; with `deterministic`, ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        rep.log(
+            "deterministic mode: bit-identical reruns on the same machine, slower, and some CUDA ops may "
+            "refuse to run",
+            "warning",
+        )
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def versions() -> dict[str, str]:
+    import monai
+
+    return {
+        "medcl": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_method(
+    cfg: Config, stage: str, slices: SliceSet, env: D.DistEnv, device: torch.device, init_from: Path | None, rep: Reporter
+) -> tuple[nn.Module, MethodInfo]:
+    """The method module around a fresh U-Net (same initial weights on every rank), on `device`."""
+    info = get_info(cfg.method, stage)
+    cls = load_method_class(cfg.method)
+    torch.manual_seed(cfg.train.seed)
+    net = build_unet(cfg.model, slices.num_classes)
+    if init_from is not None:
+        load_init(net, init_from, rep)
+    spec = DataSpec(
+        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world
+    )
+    method = cls(net, cfg, spec).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    if env.enabled:
+        method = D.convert_sync_batchnorm(method, device)
+        D.broadcast_module(method)
+    return method, info
+
+
+def load_init(net: nn.Module, source: Path, rep: Reporter) -> None:
+    """--init-from: copy the weights whose name and shape match; report what was loaded and skipped."""
+    path = ckpt_io.resolve(source)
+    state = ckpt_io.load(path)
+    weights = state.get("eval_model") or state["model"]
+    loaded, skipped = ckpt_io.load_matching(net, weights)
+    if not loaded:
+        raise InvalidDataError(
+            f"--init-from {source}: no weight of {path.name} matches this network (names or shapes differ)",
+            "check model.channels / model.spatial_dims against the run you initialise from",
+        )
+    own = set(net.state_dict())
+    rep.log(
+        f"init from {path}: loaded {len(loaded)}/{len(own)} tensors"
+        + (f", skipped {len(skipped)} ({', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''})" if skipped else "")
+    )
+
+
+def checkpoint_state(
+    method: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int, best: float | None, cfg: Config,
+    stage: str, slices: SliceSet, full: bool,
+) -> dict[str, Any]:
+    """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG)."""
+    net: nn.Module = method.net  # type: ignore[assignment]
+    state: dict[str, Any] = {
+        "format": ckpt_io.FORMAT,
+        "method": cfg.method,
+        "stage": stage,
+        "model": net.state_dict(),
+        "method_state": {k: v for k, v in method.state_dict().items() if not k.startswith("net.")},
+        "scheduler": {"kind": cfg.optim.schedule, "step": step},
+        "step": step,
+        "best_metric": {"name": "val_dice", "value": best},
+        "config": to_dict(cfg),
+        "label_map": {str(k): v for k, v in slices.folder.labels.items()},
+        "num_classes": slices.num_classes,
+        "preprocessing": {
+            "image_size": cfg.data.image_size,
+            "resize": cfg.data.resize,
+            "normalize": cfg.data.normalize,
+        },
+        "versions": versions(),
+    }
+    ev = eval_net(method)
+    if ev is not net:
+        state["eval_model"] = ev.state_dict()
+    if full:
+        state["optimizer"] = opt.state_dict()
+        state["scaler"] = scaler.state_dict()
+        state["rng"] = ckpt_io.rng_state()
+    return state
+
+
+def restore_state(
+    state: dict[str, Any], method: nn.Module, opt: torch.optim.Optimizer, scaler: Any, device: torch.device
+) -> tuple[int, float | None]:
+    """Load a full checkpoint into the live objects; returns (step, best validation Dice)."""
+    try:
+        method.net.load_state_dict(state["model"])  # type: ignore[union-attr]
+        expected = {k for k in method.state_dict() if not k.startswith("net.")}
+        got = set(state.get("method_state", {}))
+        if expected != got:
+            raise KeyError(f"method state keys differ: missing {sorted(expected - got)[:3]}, extra {sorted(got - expected)[:3]}")
+        method.load_state_dict(state.get("method_state", {}), strict=False)
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise InvalidDataError(
+            f"cannot resume: the checkpoint does not match this method/network ({str(exc).splitlines()[0][:200]})",
+            "resume with the same medcl version and config, or start a new run with --init-from",
+        ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt_io.set_rng_state(state["rng"])
+    best = (state.get("best_metric") or {}).get("value")
+    return int(state["step"]), (None if best is None else float(best))
+
+
+def run_info(
+    req: Any, device: torch.device, dtype: torch.dtype, slices: SliceSet, patients: list[str], info: MethodInfo,
+    workers: int, cache_s: float,
+) -> dict[str, Any]:
+    """The run.json fields known at the start."""
+    folder = slices.folder
+    from medcl_cli.engine.runs import now
+
+    return {
+        "medcl_version": __version__,
+        "command": req.command,
+        "stage": req.stage,
+        "method": info.key,
+        "device": describe(device),
+        "precision": str(dtype).replace("torch.", ""),
+        "world_size": req.dist.world,
+        "seed": req.cfg.train.seed,
+        "deterministic": req.cfg.train.deterministic,
+        "versions": versions(),
+        "dataset": {
+            "path": str(Path(folder.root).resolve()),
+            "name": folder.info.get("name", folder.root.name),
+            "fingerprint": folder.fingerprint(),
+            "cases": len(slices.case_ids),
+            "slices": int(len(slices.case)),
+        },
+        "labeled_patients": patients,
+        "init_from": str(req.init_from) if req.init_from else None,
+        "data_workers": workers,
+        "slice_cache": str(slices.cache_dir),
+        "slice_cache_s": round(cache_s, 3),
+        "started": now(),
+    }
