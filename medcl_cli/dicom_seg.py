@@ -52,7 +52,7 @@ def require_highdicom() -> Any:
 
 def _pseudonymise(ds: Any, name: str) -> Any:
     out = copy.deepcopy(ds)
-    out.PatientName = name
+    out.PatientName = f"{name}^"  # a one-component person name (the trailing caret says so)
     out.PatientID = name
     for kw in PHI_KEYWORDS_EMPTY:
         if kw in out:

@@ -91,3 +91,34 @@ def test_dicom_seg_needs_dicom_inputs(run, tmp_path, capsys):
     code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                              "--format", "dicom-seg")
     assert code == 2 and "DICOM inputs" in err
+
+
+def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys):
+    pytest.importorskip("highdicom")
+    import pydicom
+
+    img, _ = V.blob_volume((40, 34, 5), seed=80, scale=500.0)
+    files = V.write_dicom_series(V.oblique_image(img, sitk.sitkInt16), tmp_path / "dcm" / "s1", patient="Doe^Jane")
+    out = tmp_path / "out"
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "dcm"), "--out", str(out),
+                             "--format", "dicom-seg")
+    assert code == 0, err
+    (seg_path,) = list(out.glob("*.seg.dcm"))
+    name = seg_path.name[: -len(".seg.dcm")]
+    mask = read_image(out / f"{name}.nii.gz")
+    side = json.loads((out / f"{name}.json").read_text())
+    assert side["dicom_seg"] == seg_path.name and side["format"] == "dicom-seg"
+    seg = pydicom.dcmread(str(seg_path))
+    assert seg.Modality == "SEG" and str(seg.PatientName).rstrip("^") == name and "Doe" not in seg_path.read_bytes().decode("latin1")
+    assert seg.SegmentSequence[0].SegmentLabel == "blob"
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    assert len(frames) == len(files)  # one frame per source image (one foreground class)
+    arr = sitk.GetArrayFromImage(mask)
+    refs = {pydicom.dcmread(str(f)).SOPInstanceUID: f for f in files}
+    for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ipp = [float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient]
+        k = round(mask.TransformPhysicalPointToContinuousIndex(ipp)[2])
+        np.testing.assert_array_equal(frames[i] > 0, arr[k] == 1)
+        src_uid = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert src_uid in refs
+    assert arr.any()
