@@ -130,6 +130,8 @@ def read_header(src: Source, keywords: tuple[str, ...]) -> list[Any]:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
         return [FileIssue(src, "ignored:dicomdir", "DICOMDIR index file (the images are read directly)")]
+    if "SOPClassUID" not in ds and "Rows" not in ds and "Modality" not in ds:
+        return [FileIssue(src, "failed:corrupt", "DICOM preamble but no readable image header (damaged file)")]
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if "Rows" in ds and tsyntax in UNCOMPRESSED | {""} and "FloatPixelData" not in ds:
         need = _expected_pixel_bytes(ds)
