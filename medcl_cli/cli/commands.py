@@ -15,6 +15,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("finetune", "finetune", "finetune"),
     ("evaluate", "evaluate", "evaluate"),
     ("predict", "predict", "predict"),
+    ("export", "export", "export"),
 ]
 
 

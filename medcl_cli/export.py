@@ -1,0 +1,303 @@
+"""Export a medcl dataset folder to the layouts nnU-Net v2 and MONAI read, so moving on costs nothing.
+
+- `nnunet`: a raw dataset `DatasetXXX_Name/` as nnU-Net v2 documents it (dataset_format.md):
+  `dataset.json` (channel_names, labels name -> int, numTraining, file_ending), `imagesTr/<case>_0000<ext>`,
+  `labelsTr/<case><ext>` for the labelled train/val cases, `imagesTs/` (and `labelsTs/`, which nnU-Net
+  ignores) for the test split, and `splits_final.json` (nnU-Net's list-of-folds format) holding the
+  dataset's own train/val split as fold 0. nnU-Net reads that file from its *preprocessed* folder; the
+  exporter writes it beside dataset.json and the command says where to copy it.
+- `monai`: a Medical Segmentation Decathlon style datalist (`datalist.json` with training / validation /
+  test lists, paths relative to the JSON) plus `images/` and `labels/`, readable by
+  `monai.data.load_decathlon_datalist`.
+
+Files are hard-linked when the output is on the same file system (no extra space) and copied otherwise;
+the dataset folder is only read. Unlabelled train/val cases have no place in either layout's training
+lists: nnU-Net gets nothing of them, MONAI gets them under an extra `unlabeled` key. The output appears
+atomically: everything is written into a hidden temporary folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from medcl_cli.data.folder import DatasetFolder, open_dataset
+from medcl_cli.data.io import VOLUME_SUFFIXES
+from medcl_cli.errors import InvalidDataError, OutputError, UsageError
+from medcl_cli.report import NullReporter, Reporter
+
+FORMATS = ("nnunet", "monai")
+# nnU-Net normalises "CT" channels with dataset-wide HU statistics and everything else per image (z-score)
+_NNUNET_CHANNEL = {"CT": "CT", "MR": "MRI", "MRI": "MRI", "PT": "PET", "PET": "PET"}
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: the folder (or datalist file) and case counts per destination."""
+
+    format: str
+    path: Path  # DatasetXXX_Name/ (nnunet) or the output folder (monai)
+    datalist: Path | None = None  # monai: the datalist JSON
+    counts: dict[str, int] = field(default_factory=dict)
+    linked: int = 0  # files hard-linked
+    copied: int = 0  # files copied (other file system)
+    skipped_unlabeled: list[str] = field(default_factory=list)
+    next_steps: list[str] = field(default_factory=list)
+
+
+def _file_ending(ds: DatasetFolder) -> str:
+    """The one file ending of every image and label (nnU-Net needs a single `file_ending`)."""
+    endings: set[str] = set()
+    for col in ("image", "label"):
+        for rel in ds.cases[col]:
+            if not isinstance(rel, str) or not rel:
+                continue
+            low = rel.lower()
+            match = [s for s in VOLUME_SUFFIXES if low.endswith(s)]
+            if not match:
+                raise InvalidDataError(
+                    f"{ds.root / rel} has no known volume suffix ({', '.join(VOLUME_SUFFIXES)})",
+                    "re-run medcl ingest to rewrite the dataset",
+                )
+            endings.add(match[0])
+    if len(endings) != 1:
+        raise InvalidDataError(
+            f"{ds.root} mixes file types {sorted(endings)}; nnU-Net needs one file_ending",
+            "re-run medcl ingest so every volume is written as .nii.gz",
+        )
+    return endings.pop()
+
+
+def _label_map(ds: DatasetFolder) -> dict[int, str]:
+    """The label map, checked to be 0 = background and consecutive (nnU-Net's requirement)."""
+    labels = ds.labels
+    if sorted(labels) != list(range(len(labels))) or 0 not in labels:
+        raise InvalidDataError(
+            f"label values {sorted(labels)} in {ds.root / 'dataset.json'} are not consecutive from 0",
+            "nnU-Net needs labels 0..K-1; remap the masks and re-run medcl ingest",
+        )
+    names = list(labels.values())
+    if len(set(names)) != len(names):
+        raise InvalidDataError(f"duplicate label names in {ds.root / 'dataset.json'}: {names}", "give each label its own name")
+    return labels
+
+
+def _place(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
+    """Hard-link `src` to `dst` (copy when asked or across file systems); never touches `src`."""
+    if not src.is_file():
+        raise InvalidDataError(f"file listed in cases.csv is missing: {src}", "re-run medcl ingest")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not copy:
+        try:
+            os.link(src, dst)
+            result.linked += 1
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    result.copied += 1
+
+
+def _prepare_target(target: Path, overwrite: bool) -> Path:
+    """A fresh hidden temporary folder beside `target`; refuses an existing target without overwrite."""
+    if target.exists() and not overwrite:
+        raise OutputError(f"output exists: {target}", "pass --overwrite to replace it, or choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Replace `target` by the finished temporary folder (old copy removed only after success)."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def _groups(ds: DatasetFolder) -> dict[str, pd.DataFrame]:
+    """Cases sorted into labelled train, labelled val, test, and unlabelled train/val."""
+    c = ds.cases
+    has_label = c["label"].astype(str).str.len() > 0
+    return {
+        "train": c[(c["split"] == "train") & has_label],
+        "val": c[(c["split"] == "val") & has_label],
+        "test": c[c["split"] == "test"],
+        "unlabeled": c[c["split"].isin(["train", "val"]) & ~has_label],
+    }
+
+
+def nnunet_folder_name(dataset_id: int, name: str) -> str:
+    """`Dataset501_Name`: nnU-Net's folder naming (three-digit id, name without separators)."""
+    if not 1 <= dataset_id <= 999:
+        raise UsageError(f"--dataset-id must be 1..999, found {dataset_id}", "nnU-Net ids have three digits; 500+ is free")
+    clean = re.sub(r"[^A-Za-z0-9-]+", "", name.replace(" ", "-").replace("_", "-"))
+    if not clean:
+        raise UsageError(f"dataset name '{name}' has no usable characters", "pass --name with letters or digits")
+    return f"Dataset{dataset_id:03d}_{clean}"
+
+
+def export_nnunet(
+    dataset: str | Path,
+    out: str | Path,
+    dataset_id: int = 501,
+    name: str | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Write `OUT/DatasetXXX_Name/` (nnU-Net v2 raw format) from a medcl dataset folder."""
+    rep = reporter or NullReporter()
+    ds = open_dataset(dataset)
+    ending = _file_ending(ds)
+    labels = _label_map(ds)
+    folder = nnunet_folder_name(dataset_id, name or str(ds.info.get("name") or ds.root.name))
+    out_dir = Path(out)
+    clash = [p.name for p in out_dir.glob(f"Dataset{dataset_id:03d}_*") if p.name != folder] if out_dir.is_dir() else []
+    if clash:
+        raise OutputError(
+            f"{out_dir} already holds {clash[0]} with the same dataset id {dataset_id}",
+            "nnU-Net refuses ambiguous ids; pass another --dataset-id",
+        )
+    target = out_dir / folder
+    groups = _groups(ds)
+    if groups["train"].empty and groups["val"].empty:
+        raise InvalidDataError(
+            f"{ds.root} has no labelled train/val case; an nnU-Net dataset needs at least one",
+            "add masks at ingest (labels/), or export --format monai for unlabelled data",
+        )
+    result = ExportResult(format="nnunet", path=target, skipped_unlabeled=list(groups["unlabeled"]["case_id"]))
+    tmp = _prepare_target(target, overwrite)
+    try:
+        training = pd.concat([groups["train"], groups["val"]])
+        rep.start("export", len(training) + len(groups["test"]))
+        for row in training.itertuples():
+            _place(ds.root / row.image, tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
+            _place(ds.root / row.label, tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
+            rep.advance("export")
+        for row in groups["test"].itertuples():
+            _place(ds.root / row.image, tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
+            if isinstance(row.label, str) and row.label:
+                _place(ds.root / row.label, tmp / "labelsTs" / f"{row.case_id}{ending}", result, copy)
+            rep.advance("export")
+        rep.finish("export")
+        modality = str(ds.info.get("modality") or "").upper()
+        dataset_json = {
+            "channel_names": {"0": _NNUNET_CHANNEL.get(modality, modality or "image")},
+            "labels": {n: int(v) for v, n in sorted(labels.items())},
+            "numTraining": int(len(training)),
+            "file_ending": ending,
+            "name": folder.split("_", 1)[1],
+            "description": f"exported by medcl from {ds.root.name} (fingerprint {ds.fingerprint()})",
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
+        splits = [{"train": list(groups["train"]["case_id"]), "val": list(groups["val"]["case_id"])}]
+        (tmp / "splits_final.json").write_text(json.dumps(splits, indent=2) + "\n", encoding="utf-8")
+        _commit(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    result.counts = {"imagesTr": len(training), "imagesTs": len(groups["test"]), "unlabeled_skipped": len(groups["unlabeled"])}
+    if result.skipped_unlabeled:
+        rep.log(
+            f"{len(result.skipped_unlabeled)} unlabelled train/val case(s) left out: nnU-Net trains on labelled cases only",
+            "warning",
+        )
+    result.next_steps = [
+        f"export nnUNet_raw={out_dir.resolve()}",
+        f"nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity",
+        f"cp {target / 'splits_final.json'} $nnUNet_preprocessed/{folder}/   # medcl's train/val split as fold 0",
+        f"nnUNetv2_train {dataset_id} 2d 0",
+    ]
+    return result
+
+
+def export_monai(
+    dataset: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    copy: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Write `OUT/datalist.json` (decathlon datalist) with `OUT/images/` and `OUT/labels/`."""
+    rep = reporter or NullReporter()
+    ds = open_dataset(dataset)
+    labels = ds.labels
+    target = Path(out)
+    if target.exists() and not any(target.iterdir()):
+        target.rmdir()  # an empty folder is not worth refusing
+    groups = _groups(ds)
+    result = ExportResult(format="monai", path=target, datalist=target / "datalist.json")
+    tmp = _prepare_target(target, overwrite)
+    try:
+        lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": [], "unlabeled": []}
+        keys = {"train": "training", "val": "validation", "test": "test", "unlabeled": "unlabeled"}
+        rep.start("export", len(ds.cases))
+        for group, key in keys.items():
+            for row in groups[group].itertuples():
+                img_name = Path(str(row.image)).name
+                _place(ds.root / row.image, tmp / "images" / img_name, result, copy)
+                item = {"image": f"images/{img_name}"}
+                if isinstance(row.label, str) and row.label:
+                    lab_name = Path(row.label).name
+                    _place(ds.root / row.label, tmp / "labels" / lab_name, result, copy)
+                    item["label"] = f"labels/{lab_name}"
+                item["case_id"] = str(row.case_id)
+                lists[key].append(item)
+                rep.advance("export")
+        rep.finish("export")
+        modality = str(ds.info.get("modality") or "image")
+        datalist: dict[str, object] = {
+            "name": str(ds.info.get("name") or ds.root.name),
+            "description": f"exported by medcl from {ds.root.name} (fingerprint {ds.fingerprint()})",
+            "tensorImageSize": "3D",
+            "modality": {"0": modality},
+            "labels": {str(k): v for k, v in sorted(labels.items())},
+            "numTraining": len(lists["training"]),
+            "numTest": len(lists["test"]),
+            "training": lists["training"],
+            "validation": lists["validation"],
+        }
+        # monai reads `test` as a list of dicts; an empty list would break load_decathlon_datalist("test")
+        for key in ("test", "unlabeled"):
+            if lists[key]:
+                datalist[key] = lists[key]
+        (tmp / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
+        _commit(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    result.counts = {k: len(v) for k, v in lists.items()}
+    result.next_steps = [
+        f'python -c "from monai.data import load_decathlon_datalist as L; print(len(L(\'{result.datalist}\')))"',
+    ]
+    return result
+
+
+def export_dataset(
+    dataset: str | Path,
+    fmt: str,
+    out: str | Path,
+    dataset_id: int = 501,
+    name: str | None = None,
+    overwrite: bool = False,
+    copy: bool = False,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Dispatch on `fmt` (nnunet | monai)."""
+    if fmt == "nnunet":
+        return export_nnunet(dataset, out, dataset_id, name, overwrite, copy, reporter)
+    if fmt == "monai":
+        return export_monai(dataset, out, overwrite, copy, reporter)
+    from medcl_cli.errors import unknown_choice
+
+    raise unknown_choice("format", fmt, FORMATS)
