@@ -124,26 +124,29 @@ class SupervisedConfig:
 class SimCLRConfig:
     """Global NT-Xent on two views of each slice (Chen et al. 2020)."""
 
-    temperature: float = 0.5  # NT-Xent temperature (Hu et al. code: 0.5)
-    proj_hidden: int = 256
-    proj_dim: int = 128
+    temperature: float = 0.5  # NT-Xent temperature (SimCLR paper: 0.5 for batch 256-512; Hu et al. code: 0.5)
+    proj_hidden: int = 256  # hidden width of the projection MLP on the pooled bottleneck (SimCLR: 2048 for ResNet-50)
+    proj_dim: int = 128  # embedding size the loss sees (SimCLR paper: 128)
 
 
 @dataclass(frozen=True)
 class GCLConfig:
     """Gradient-guided contrastive learning with multi-perspective meta labels (Wu et al. 2023)."""
 
-    meta_labels: tuple[str, ...] = ("patient", "phase", "slice_part")  # meta.csv columns (or derived)
-    partitions: int = 3  # buckets of slice_position for `slice_part` (ACDC: 3)
-    temperature: float = 0.1  # SupCon temperature
-    image_weight: float = 1.0
-    pixel_weight: float = 1.0
-    proj_hidden: int = 256
-    proj_dim: int = 128
-    pixel_dim: int = 64
-    combiner: str = "pcgrad"  # pcgrad | sum : how per-meta-label gradients are combined
-    surgery_on: str = "features"  # features | parameters : where gradient surgery happens
-    topk: int = 16  # Gradient Filter: pixels kept per image for the pixel-wise loss
+    # (paper's ACDC examples are patient, cardiac phase, slice position; `group` = diagnosis is a 4th option)
+    meta_labels: tuple[str, ...] = ("patient", "phase", "slice_part")  # meta columns: equal value = positive
+    partitions: int = 3  # slice_position buckets of `slice_part` for GCL (Peng et al. 2021 on ACDC: 3)
+    temperature: float = 0.07  # image-wise SupCon temperature (paper: unverified; predecessor code: 0.07)
+    pixel_temperature: float = 0.07  # pixel-wise SupCon temperature (paper: unverified)
+    image_weight: float = 1.0  # weight of each image-wise loss in a meta label's task loss (paper: unverified)
+    pixel_weight: float = 1.0  # weight of each pixel-wise loss (paper: unverified)
+    proj_hidden: int = 256  # hidden width of the image and pixel heads (predecessor: 256)
+    proj_dim: int = 128  # image embedding size (predecessor: 256)
+    pixel_dim: int = 64  # pixel embedding size (paper: unverified)
+    combiner: str = "pcgrad"  # Gradient Mitigator rule: pcgrad | sum (paper: conflict mitigation, rule unverified)
+    surgery_on: str = "features"  # features (cheap: surgery on dL/d bottleneck) | parameters (exact, M backwards)
+    surgery_scope: str = "sample"  # features only: PCGrad per sample | over the whole batch
+    topk: int = 16  # Gradient Filter: pixels per slice kept for the pixel-wise loss (paper: unverified)
 
 
 @dataclass(frozen=True)

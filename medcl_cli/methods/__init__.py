@@ -33,6 +33,22 @@ REGISTRY: dict[str, MethodInfo] = {
         "Liu, Li et al., IEEE TMI 2022 (arXiv 2201.08779)",
         "PDCR",
     ),
+    "simclr": MethodInfo(
+        "simclr",
+        "SimCLR: global NT-Xent on two views of each slice",
+        ("pretrain",),
+        "unlabelled slices",
+        "Chen et al., ICML 2020",
+        "SimCLR",
+    ),
+    "gcl": MethodInfo(
+        "gcl",
+        "GCL: gradient-guided meta-label contrast (image + pixel, gradient mitigator and filter)",
+        ("pretrain",),
+        "unlabelled slices + meta labels",
+        "Wu et al., ACM MM 2023 (arXiv 2309.08888)",
+        "GCL",
+    ),
 }
 
 

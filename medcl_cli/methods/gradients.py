@@ -135,12 +135,15 @@ def backward_on_parameters(
     head_params: Sequence[torch.nn.Parameter],
     combine: Combiner,
     generator: torch.Generator | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Gradient surgery on the flattened gradient of `shared_params` (M full backward passes).
 
     The exact PCGrad setting: g_m = d loss_m / d theta_shared for every task, combined over the whole
     parameter vector (S = 1); head parameters get the plain sum. Costs M backward passes through the
-    network, so it is the slow reference for `backward_on_features`.
+    network, so it is the slow reference for `backward_on_features`. `reduce` (M x P -> M x P) turns
+    this process's task gradients into the global ones before combining (DDP: an all-reduce), so every
+    rank combines the same gradients.
     """
     shared = [p for p in shared_params if p.requires_grad]
     heads = [p for p in head_params if p.requires_grad]
@@ -149,7 +152,10 @@ def backward_on_parameters(
     for g in per_task:
         parts = [(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(g, shared)]
         flat.append(torch.cat(parts).float())
-    combined = combine(torch.stack(flat)[:, None, :], generator)[0]
+    stacked = torch.stack(flat)
+    if reduce is not None:
+        stacked = reduce(stacked)
+    combined = combine(stacked[:, None, :], generator)[0]
     offset = 0
     for i, p in enumerate(shared):
         n = p.numel()
