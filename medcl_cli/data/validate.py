@@ -47,6 +47,17 @@ def _read(path: Path) -> sitk.Image | str:
         return f"unreadable ({lines[-1] if lines else 'error'})"
 
 
+def _nonfinite(path: Path) -> int:
+    """NaN/inf voxels counted on the raw file: ITK's NIfTI reader silently turns NaN into 0."""
+    import nibabel as nib
+
+    try:
+        arr = np.asarray(nib.load(str(path)).dataobj)
+    except Exception:  # noqa: BLE001 - not a NIfTI nibabel reads: fall back to SimpleITK
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+
+
 def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> ValidationResult:
     """Every problem of a dataset folder (raises only when the folder is not a dataset at all)."""
     rep = reporter or NullReporter()
@@ -80,9 +91,8 @@ def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> Vali
         if img.GetDimension() != 3:
             add(Problem(cid, "image", f"{row['image']} is {img.GetDimension()}D, expected 3D"))
             continue
-        arr = sitk.GetArrayViewFromImage(img)
-        if arr.dtype.kind == "f":
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if sitk.GetArrayViewFromImage(img).dtype.kind == "f":
+            bad = _nonfinite(ds.root / str(row["image"]))
             if bad:
                 add(Problem(cid, "voxels", f"{bad} NaN/inf voxel(s) in {row['image']}"))
         for axis, name in enumerate(("x", "y", "z")):
