@@ -97,6 +97,7 @@ def fit(req: FitRequest, reporter: Reporter | None = None) -> FitResult:
     stop = _StopFlag()
     stop.install()
     t0 = time.perf_counter()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _fit(req, run, rep, stop, device, dtype, t0)
     except Interrupted:
@@ -109,6 +110,7 @@ def fit(req: FitRequest, reporter: Reporter | None = None) -> FitResult:
         raise
     finally:
         stop.restore()
+        torch.use_deterministic_algorithms(deterministic_before)
 
 
 def _fit(
@@ -208,7 +210,8 @@ def _fit(
                 run.metric(step, "train", k, v)
             run.metric(step, "train", "lr", opt.param_groups[0]["lr"])
         rep.advance(req.stage, 1, loss=values["loss"])
-        stopping = bool(vec[-1].item() > 0)
+        # under DDP every rank stops at the same step (the flag travelled with the loss all-reduce)
+        stopping = bool(vec[-1].item() > 0) or (not env.enabled and stop.set)
         end = step == tcfg.steps
         if "labeled" in needs and (end or (tcfg.val_every > 0 and step % tcfg.val_every == 0)):
             best = _validate(method, slices, val_cases, device, dtype, run, rep, step, best, cfg, opt, scaler, req, env, timers)

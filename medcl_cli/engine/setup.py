@@ -52,9 +52,9 @@ def versions() -> dict[str, str]:
 
     return {
         "medcl": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
 
