@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "evaluate", "evaluate"),
     ("predict", "predict", "predict"),
     ("export", "export", "export"),
+    ("runs", "runs", "runs"),
 ]
 
 
