@@ -226,12 +226,21 @@ def _convert(plan: SeriesPlan, out_path: Path) -> Converted:
 def write_volume(image: sitk.Image, path: Path) -> Path:
     """Write `.nii.gz` atomically and verified, like `io.write_image`, but ~5x faster.
 
-    SimpleITK writes the NIfTI (header and geometry); the gzip step is done here at level 1, since ITK's own
-    compression dominates the ingest time and its level cannot be lowered for NIfTI.
+    SimpleITK writes the NIfTI (header and geometry); the gzip step is done here with ISA-L (`isal`, ~5x
+    faster than zlib at the same size) or zlib level 1, since ITK's own compression dominated the ingest time
+    and its level cannot be lowered for NIfTI.
     """
-    import gzip
     import os
     import tempfile
+
+    try:
+        from isal.igzip import compress as gz_compress
+
+        level = 2
+    except ImportError:  # pragma: no cover - isal is a dependency, zlib is the fallback
+        from gzip import compress as gz_compress
+
+        level = 1
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, raw_tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii", dir=path.parent)
@@ -242,7 +251,7 @@ def write_volume(image: sitk.Image, path: Path) -> Path:
         with open(raw_tmp, "rb") as src:
             payload = src.read()
         with open(gz_tmp, "wb") as dst:
-            dst.write(gzip.compress(payload, compresslevel=1, mtime=0))
+            dst.write(gz_compress(payload, level, mtime=0))
         back = sitk.ReadImage(gz_tmp)
         if not same_grid(image, back, tol=1e-4):
             raise ValueError(f"written image {path.name} does not read back on the same grid")
