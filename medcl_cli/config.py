@@ -171,6 +171,26 @@ class PDCRConfig:
 
 
 @dataclass(frozen=True)
+class SemiCLConfig:
+    """Semi-supervised contrastive pretraining: global NT-Xent, then supervised local contrast (Hu et al. 2021)."""
+
+    stages: tuple[str, ...] = ("global", "local")  # global and/or local, in this order (paper: global, then local)
+    global_fraction: float = 0.5  # share of train.steps for the global stage when both run (code: 100 + 60 epochs)
+    global_temperature: float = 0.5  # NT-Xent tau of the global stage (code config.yaml: 0.5)
+    global_hidden: int = 256  # hidden width of the projection MLP on the pooled bottleneck (code: 512)
+    global_dim: int = 128  # global embedding size (code: 256)
+    local_temperature: float = 0.1  # supervised local contrast tau (code run script: 0.1; SupConLoss default 0.07)
+    dense_hidden: int = 64  # hidden width of the 1x1-conv dense head on dec[-1] (code: 256 on a 64-channel map)
+    dense_dim: int = 32  # pixel embedding size (code: 128)
+    mode: str = "stride"  # stride | block: how pixel pairs are bounded (paper: both; 4x fewer pairs at 128 px)
+    stride: int = 4  # stride mode: every s-th pixel on each axis (paper and code: 4)
+    block_size: int = 16  # block mode: side of the square blocks, pixels (paper: 16)
+    loss_form: str = "code"  # code (SupCon L_out, what the code runs) | paper (summed positives / negatives)
+    views: str = "intensity"  # intensity (code's "supcon" views) | geometric (aligned back with the inverse affine)
+    pair_chunk: int = 4194304  # local loss: most similarity entries held at once (bounds its memory)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a command; saved as `config.yaml` in every run folder."""
 
@@ -184,6 +204,7 @@ class Config:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     gcl: GCLConfig = field(default_factory=GCLConfig)
+    semicl: SemiCLConfig = field(default_factory=SemiCLConfig)
     pdcr: PDCRConfig = field(default_factory=PDCRConfig)
 
 

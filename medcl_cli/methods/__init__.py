@@ -41,6 +41,14 @@ REGISTRY: dict[str, MethodInfo] = {
         "Chen et al., ICML 2020",
         "SimCLR",
     ),
+    "semicl": MethodInfo(
+        "semicl",
+        "semicl: global NT-Xent, then supervised local contrast on the labelled slices (stride or block)",
+        ("pretrain",),
+        "all slices (global) + labelled slices (local)",
+        "Hu et al., MICCAI 2021 (arXiv 2109.07407)",
+        "SemiCL",
+    ),
     "gcl": MethodInfo(
         "gcl",
         "GCL: gradient-guided meta-label contrast (image + pixel, gradient mitigator and filter)",

@@ -119,59 +119,75 @@ LOCAL_FORMS = ("code", "paper")
 _LOCAL_FILL = -1e4  # -inf stand-in in masked log-sum-exps (|logits| <= 1/tau): exp gives 0, grads stay finite
 
 
+class _ExpClassSums(torch.autograd.Function):
+    """C[g, r, c] = sum over members n of class c (Y one-hot, zero rows = ignored) of
+    exp(z_a . z_n / tau - shift), a = anchor `rows[g, r]`, the self pair left out; and the shift (G x R x 1).
+
+    Forward and backward each build the G x R x N similarity matrix once, in place, and keep none of it:
+    memory holds one piece's matrix at a time, never one per anchor-member pair in the autograd graph.
+    shift = 1/tau (the largest cosine logit: no term can underflow while 2/tau < 60), else the row max.
+    The shift is a constant of the graph: callers add it back, so the loss does not depend on it.
+    """
+
+    @staticmethod
+    def _exp(za: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        e = torch.bmm(za, z.transpose(1, 2)).mul_(1.0 / tau)
+        e.scatter_(2, rows[..., None], _LOCAL_FILL)
+        shift = e.amax(dim=2, keepdim=True) if tau < 1 / 30 else torch.full_like(e[..., :1], 1.0 / tau)
+        return e.sub_(shift).exp_(), shift
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, za: torch.Tensor, z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, tau: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        e, shift = _ExpClassSums._exp(za, z, rows, tau)
+        ctx.save_for_backward(za, z, y, rows)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(shift)
+        return torch.bmm(e, y), shift
+
+    @staticmethod
+    def backward(ctx: Any, grad_c: torch.Tensor, _grad_shift: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        za, z, y, rows = ctx.saved_tensors
+        w, _ = _ExpClassSums._exp(za, z, rows, ctx.tau)
+        w.mul_(torch.bmm(grad_c, y.transpose(1, 2)))  # dL/dlogit of every pair
+        grad_za = torch.bmm(w, z).mul_(1.0 / ctx.tau)
+        grad_z = torch.bmm(w.transpose(1, 2), za).mul_(1.0 / ctx.tau)
+        return grad_za, grad_z, None, None, None
+
+
 def _local_rows(
     z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, tau: float, form: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor losses G x R of the anchors `rows` (G x R indices into each group's N members) and the
     mask of anchors whose loss is defined.
 
-    `row_ok` marks real anchors (False for padding). An anchor without positives (or, in the paper form,
-    without negatives) has no defined loss: its entry is 0 and its mask False.
+    Only the per-class sums of exp-similarities (`_ExpClassSums`, G x R x K) touch all N members; the
+    mean positive similarity comes from class sums of embeddings (Y^T z), so it costs no N-sized work.
+    `row_ok` marks real anchors (False for padding); an anchor without positives (or, in the paper form,
+    without negatives) gets 0 and False.
     """
-    n = z.shape[1]
-    za = torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[2]))
-    la = torch.gather(labels, 1, rows)
-    sim = torch.bmm(za, z.transpose(1, 2)) / tau  # G x R x N
-    others = (labels >= 0)[:, None, :] & (torch.arange(n, device=z.device)[None, None, :] != rows[..., None])
-    pos = others & (labels[:, None, :] == la[..., None])
-    n_pos = pos.sum(-1)
+    k = int(labels.max()) + 1
+    valid = labels >= 0
+    y = F.one_hot(labels.clamp(min=0), k).to(z.dtype) * valid[..., None]  # G x N x K
+    counts = y.sum(1)  # G x K
+    za = torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[2]))  # G x R x D
+    la = torch.gather(labels, 1, rows).clamp(min=0)  # G x R
+    c, shift = _ExpClassSums.apply(za, z, y, rows, tau)  # G x R x K, G x R x 1
+    same = torch.gather(counts, 1, la) - 1  # positives per anchor (self excluded)
+    tiny = torch.finfo(c.dtype).tiny
+    total = c.sum(-1)
     if form == "code":
-        lse_all = torch.logsumexp(sim.masked_fill(~others, _LOCAL_FILL), dim=-1)
-        loss = lse_all - (sim * pos).sum(-1) / n_pos.clamp(min=1)
-        ok = row_ok & (n_pos > 0)
+        zsum = torch.bmm(y.transpose(1, 2), z)  # G x K x D
+        pos_dot = (za * (torch.gather(zsum, 1, la[..., None].expand(-1, -1, z.shape[2])) - za)).sum(-1) / tau
+        loss = shift[..., 0] + torch.log(total.clamp_min(tiny)) - pos_dot / same.clamp(min=1)
+        ok = row_ok & (same > 0)
     else:
-        neg = others & ~pos
-        lse_pos = torch.logsumexp(sim.masked_fill(~pos, _LOCAL_FILL), dim=-1)
-        lse_neg = torch.logsumexp(sim.masked_fill(~neg, _LOCAL_FILL), dim=-1)
-        loss = (lse_neg - lse_pos) / n_pos.clamp(min=1)
-        ok = row_ok & (n_pos > 0) & neg.any(-1)
+        pos = torch.gather(c, 2, la[..., None])[..., 0]
+        others = counts.sum(1, keepdim=True) - torch.gather(counts, 1, la)
+        loss = (torch.log((total - pos).clamp_min(tiny)) - torch.log(pos.clamp_min(tiny))) / same.clamp(min=1)
+        ok = row_ok & (same > 0) & (others > 0)
     return torch.where(ok, loss, torch.zeros_like(loss)), ok
-
-
-class _RecomputedRows(torch.autograd.Function):
-    """`_local_rows` that keeps only its inputs for backward and recomputes the piece there, so a loop
-    over pieces holds one piece's similarity matrix at a time (activation checkpointing without
-    torch.utils.checkpoint, whose first call imports torch._dynamo: seconds on a CPU)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, tau: float, form: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(z, labels, rows, row_ok)
-        ctx.tau, ctx.form = tau, form
-        with torch.no_grad():
-            loss, ok = _local_rows(z, labels, rows, row_ok, tau, form)
-        ctx.mark_non_differentiable(ok)
-        return loss, ok
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_ok: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        z, labels, rows, row_ok = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = z.detach().requires_grad_(True)
-            loss, _ = _local_rows(leaf, labels, rows, row_ok, ctx.tau, ctx.form)
-            (grad_z,) = torch.autograd.grad(loss, leaf, grad_loss)
-        return grad_z, None, None, None, None, None
 
 
 def local_supcon_terms(
@@ -193,44 +209,52 @@ def local_supcon_terms(
     to train best (the log per positive keeps every positive pulling), and it stays defined when a group
     holds one class only (the paper form has no negatives there and drops such anchors).
 
-    Only anchor rows are computed (anchors x members, not members^2). Rows are processed in pieces of at
-    most `chunk` similarity entries, each recomputed in backward (activation checkpointing) when there is
-    more than one piece, so peak memory is bounded by `chunk` whatever the image size.
+    Only anchor rows are computed (anchors x members, not members^2), one exp per entry, and no
+    anchor x member tensor is kept for backward (`_ExpClassSums` rebuilds it there). Rows are processed in
+    pieces of at most `chunk` similarity entries (or one anchor row when a row alone is larger), so peak
+    memory is bounded by `chunk` whatever the image size.
 
     Returns (loss_sum G, anchors G): per group, the summed anchor losses and the number of anchors that
-    had a defined loss. Half-precision inputs are computed in float32.
+    had a defined loss. Computed in float32 (float64 inputs stay float64), autocast off.
     """
     if form not in LOCAL_FORMS:
         raise ValueError(f"form must be one of {LOCAL_FORMS}, found {form!r}")
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
+    with torch.autocast(z.device.type, enabled=False):
+        return _local_terms(z if z.dtype == torch.float64 else z.float(), labels, tau, form, chunk)
+
+
+def _local_terms(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, form: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     g, n, _ = z.shape
     is_anchor = labels > 0
-    n_rows = int(is_anchor.sum(1).max()) if g and n else 0
-    if n_rows == 0:
-        zero = z.sum() * 0.0
-        return zero.expand(g).clone(), torch.zeros(g, dtype=torch.long, device=z.device)
-    # anchors first in each group (stable), padded to the largest anchor count
-    order = torch.sort((~is_anchor).to(torch.uint8), dim=1, stable=True).indices[:, :n_rows]
-    row_ok = torch.gather(is_anchor, 1, order)
-    per_group = max(1, chunk // max(1, n_rows * n))
-    per_rows = n_rows if per_group > 1 or n_rows * n <= chunk else max(1, chunk // n)
-    pieces = [
-        (g0, min(g, g0 + per_group), r0, min(n_rows, r0 + per_rows))
-        for g0 in range(0, g, per_group)
-        for r0 in range(0, n_rows, per_rows)
-    ]
-    loss_sum = z.new_zeros(g)
+    per_group = is_anchor.sum(1)
+    loss_sum = z.sum() * 0.0 + z.new_zeros(g)
     count = torch.zeros(g, dtype=torch.long, device=z.device)
-    for g0, g1, r0, r1 in pieces:
-        args = (z[g0:g1], labels[g0:g1], order[g0:g1, r0:r1], row_ok[g0:g1, r0:r1], tau, form)
-        if len(pieces) > 1 and torch.is_grad_enabled() and z.requires_grad:
-            loss, ok = _RecomputedRows.apply(*args)
+    if g == 0 or n == 0 or not bool(per_group.any()):
+        return loss_sum, count
+    # anchors first inside each group; groups by decreasing anchor count, so a piece of consecutive groups
+    # pads its rows to its first group's count (little waste when blocks hold very different amounts)
+    order = torch.sort((~is_anchor).to(torch.uint8), dim=1, stable=True).indices
+    by_size = torch.argsort(per_group, descending=True)
+    sizes = per_group[by_size].tolist()
+    g0 = 0
+    while g0 < g and sizes[g0] > 0:
+        rows = sizes[g0]
+        if rows * n > chunk:  # one group alone exceeds the budget: split its anchor rows
+            step = max(1, chunk // n)
+            spans = [(g0, g0 + 1, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
         else:
+            g1 = min(g, g0 + max(1, chunk // (rows * n)))
+            spans = [(g0, g1, 0, rows)]
+        for a, b, r0, r1 in spans:
+            gi = by_size[a:b]
+            pick = order[gi, r0:r1]
+            args = (z[gi], labels[gi], pick, torch.gather(is_anchor[gi], 1, pick), tau, form)
             loss, ok = _local_rows(*args)
-        where = torch.arange(g0, g1, device=z.device)
-        loss_sum = loss_sum.index_add(0, where, loss.sum(1))
-        count = count.index_add(0, where, ok.sum(1))
+            loss_sum = loss_sum.index_add(0, gi, loss.sum(1))
+            count = count.index_add(0, gi, ok.sum(1))
+        g0 = spans[-1][1]
     return loss_sum, count
 
 
