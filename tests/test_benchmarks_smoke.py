@@ -1,0 +1,50 @@
+"""Smoke runs of benchmarks/acdc.py and benchmarks/predict.py on 3 ACDC volumes with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {"patient041_frame01": "train", "patient041_frame02": "train", "patient087_frame01": "val"}
+TINY = ["--set", "train.steps=2", "--set", "data.image_size=32", "--set", "model.channels=[8,16]",
+        "--set", "train.batch_size=4"]
+
+
+def mini_acdc(acdc: Path, root: Path) -> Path:
+    """An ACDC-shaped folder of symlinks to three real volumes (no copies of the shared data)."""
+    for sub in ("images", "labels", "splits"):
+        (root / sub).mkdir(parents=True)
+    for c in CASES:
+        for sub in ("images", "labels"):
+            (root / sub / f"{c}.nii.gz").symlink_to(acdc / sub / f"{c}.nii.gz")
+    info = pd.read_csv(acdc / "info.csv")
+    info[info["case_id"].isin(list(CASES))].to_csv(root / "info.csv", index=False)
+    pd.DataFrame({"case_id": list(CASES), "split": list(CASES.values())}).to_csv(root / "splits.csv", index=False)
+    (root / "splits" / "labeled_1.txt").write_text("patient041\n")
+    return root
+
+
+@pytest.mark.slow
+def test_acdc_runner_smoke(shared_data, tmp_path):
+    acdc = mini_acdc(shared_data("acdc"), tmp_path / "acdc")
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "acdc.py"), "--acdc", str(acdc), "--out", str(out), "--labeled", "1",
+         "--methods", "supervised,simclr", "--device", "cpu", "--eval-data", str(out / "dataset"), *TINY],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"supervised", "simclr"} and not results["failed"]
+    assert rows["simclr"]["pretrain"]["seconds"] > 0 and "pretrain" not in rows["supervised"]
+    for r in rows.values():
+        assert 0 <= r["val"]["dice_mean"] <= 1 and r["val"]["n_cases"] == 1
+        assert r["other"]["n_cases"] == 3 and r["finetune"]["peak_mb"] > 50
+    assert "| simclr | 1 |" in res.stdout and (out / "results.md").is_file()
