@@ -36,6 +36,9 @@ CODEC_PLUGINS = {
 }
 
 
+SERIAL_VOXELS = 8_000_000  # below this much pixel data, starting a pool costs more than it saves
+
+
 @dataclass
 class Converted:
     """What converting one plan produced (sent back from the worker)."""
@@ -273,7 +276,8 @@ def run_plans(tasks: list[tuple[SeriesPlan, str]], workers: int, reporter: Any) 
 
     reporter.start("converting series", len(tasks))
     results: list[Converted] = []
-    if workers <= 1 or len(tasks) <= 1:
+    voxels = sum(len(p.frames) * p.frames[0].rows * p.frames[0].cols for p, _ in tasks if p.frames)
+    if workers <= 1 or len(tasks) <= 1 or voxels < SERIAL_VOXELS:
         for plan, path in tasks:
             results.append(convert_plan(plan, path))
             reporter.advance("converting series")
