@@ -134,7 +134,10 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     walked = walk_inputs(req.inputs)
     redact = Redactor()
     taken: set[str] = set()
-    nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep)
+    from medcl_cli.data.dicom_scan import worker_count
+
+    nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
+                                     worker_count(req.cfg.workers))
     counter = [0]
 
     def new_case_id() -> str:

@@ -7,7 +7,7 @@ another grid, with non-integer values, or a 4D volume is an error for that case,
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,39 @@ def _label_index(labels_dir: Path | None) -> dict[str, Path]:
     return {case_name(p): p for p in sorted(labels_dir.rglob("*")) if is_volume_file(p)}
 
 
+def convert_volume(path: Path, label: Path | None, case_id: str, workdir: Path) -> tuple[str, str, NiftiCase | None]:
+    """(status, reason, case) for one volume and its label; runs in a worker process."""
+    name = case_name(path)
+    try:
+        img = _as_3d(read_image(path))
+    except (MedclError, ValueError, RuntimeError) as exc:
+        return "failed:unreadable", str(exc), None
+    label_img = None
+    if label is not None:
+        try:
+            label_img = _as_3d(read_image(label))
+        except (MedclError, ValueError, RuntimeError) as exc:
+            return "failed:label", f"label {label.name}: {exc}", None
+        if not same_grid(img, label_img, tol=1e-3):
+            return "failed:label-grid", f"label {label.name} is on another grid: {grid_difference(img, label_img)}", None
+        arr = sitk.GetArrayFromImage(label_img)
+        if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
+            return "failed:label-values", f"label {label.name} has non-integer values", None
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            return "failed:label-values", f"label {label.name} has values outside 0..65535", None
+        arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.uint16)
+        label_img = sitk.GetImageFromArray(arr)
+        label_img.CopyInformation(img)
+    image_path = write_volume(_clean(img), workdir / "images" / f"{case_id}.nii.gz")
+    label_path = None
+    values: list[int] = []
+    if label_img is not None:
+        label_path = write_volume(label_img, workdir / "labels" / f"{case_id}.nii.gz")
+        values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label_img))]
+    return "ok", "", NiftiCase(case_id, name, image_path, label_path, tuple(img.GetSize()), tuple(img.GetSpacing()),
+                               values)
+
+
 def ingest_nifti(
     volumes: list[Path],
     labels_dir: Path | None,
@@ -63,62 +96,52 @@ def ingest_nifti(
     taken: set[str],
     display: Callable[[str], str],
     reporter: Reporter | None = None,
+    workers: int = 1,
 ) -> tuple[list[NiftiCase], list[ReportRow]]:
-    """Write every volume (and its label) into workdir/images and workdir/labels."""
+    """Write every volume (and its label) into workdir/images and workdir/labels, `workers` at a time."""
     rep = reporter or NullReporter()
     labels = _label_index(labels_dir)
     cases: list[NiftiCase] = []
     rows: list[ReportRow] = []
-    if volumes:
-        rep.start("converting volumes", len(volumes))
+    jobs: list[tuple[ReportRow, Path, Path | None, str]] = []
     for path in volumes:
         name = case_name(path)
         row = ReportRow(display(str(path)), "volume", "ok")
         rows.append(row)
-        rep.advance("converting volumes")
         case_id = _SAFE.sub("_", name).strip("._") or "case"
         if case_id in taken:
             row.status, row.reason = "failed:duplicate-name", f"another input already gave case '{case_id}'"
             continue
-        try:
-            img = _as_3d(read_image(path))
-        except (MedclError, ValueError, RuntimeError) as exc:
-            row.status, row.reason = "failed:unreadable", str(exc)
-            continue
-        label_img = None
-        if name in labels:
-            try:
-                label_img = _as_3d(read_image(labels[name]))
-            except (MedclError, ValueError, RuntimeError) as exc:
-                row.status, row.reason = "failed:label", f"label {labels[name].name}: {exc}"
-                continue
-            if not same_grid(img, label_img, tol=1e-3):
-                row.status = "failed:label-grid"
-                row.reason = f"label {labels[name].name} is on another grid: {grid_difference(img, label_img)}"
-                continue
-            arr = sitk.GetArrayFromImage(label_img)
-            if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))):
-                row.status, row.reason = "failed:label-values", f"label {labels[name].name} has non-integer values"
-                continue
-            if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
-                row.status, row.reason = "failed:label-values", f"label {labels[name].name} has values outside 0..65535"
-                continue
-            arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.uint16)
-            label_img = sitk.GetImageFromArray(arr)
-            label_img.CopyInformation(img)
         taken.add(case_id)
-        image_path = write_volume(_clean(img), workdir / "images" / f"{case_id}.nii.gz")
-        label_path = None
-        values: list[int] = []
-        if label_img is not None:
-            label_path = write_volume(label_img, workdir / "labels" / f"{case_id}.nii.gz")
-            values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(label_img))]
-        row.case_id = case_id
-        cases.append(NiftiCase(case_id, name, image_path, label_path, tuple(img.GetSize()),
-                               tuple(img.GetSpacing()), values))
-    if volumes:
-        rep.finish("converting volumes")
+        jobs.append((row, path, labels.get(name), case_id))
+    if not jobs:
+        return cases, rows
+    rep.start("converting volumes", len(jobs))
+    args = [[j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs], [workdir] * len(jobs)]
+    if workers > 1 and len(jobs) > 2:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from medcl_cli.data.dicom_scan import _context
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
+            results = list(_advancing(pool.map(convert_volume, *args, chunksize=4), rep))
+    else:
+        results = list(_advancing(map(convert_volume, *args), rep))
+    for (row, _, _, case_id), (status, reason, case) in zip(jobs, results):
+        row.status, row.reason = status, reason
+        if case is None:
+            taken.discard(case_id)
+        else:
+            row.case_id = case_id
+            cases.append(case)
+    rep.finish("converting volumes")
     return cases, rows
+
+
+def _advancing(it: Iterable[tuple[str, str, NiftiCase | None]], rep: Reporter) -> Iterator[tuple[str, str, NiftiCase | None]]:
+    for item in it:
+        rep.advance("converting volumes")
+        yield item
 
 
 def _clean(img: sitk.Image) -> sitk.Image:
