@@ -48,12 +48,17 @@ def seed_everything(seed: int, deterministic: bool, rep: Reporter) -> None:
 
 
 def versions() -> dict[str, str]:
-    import monai
+    """Versions as plain strings (importing monai only to read its version would cost seconds)."""
+    import importlib.metadata
 
+    try:
+        monai_version = importlib.metadata.version("monai")
+    except importlib.metadata.PackageNotFoundError:
+        monai_version = "not installed"
     return {
         "medcl": __version__,
         "torch": str(torch.__version__),
-        "monai": str(monai.__version__),
+        "monai": monai_version,
         "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
