@@ -194,3 +194,24 @@ def test_mask_series_on_other_grid_is_an_error(tmp_path):
     row = report[report["description"] == "Mask_Tumor"].iloc[0]
     assert row["status"] == "failed:label-grid" and "spacing" in row["reason"]
     assert cases.loc[0, "label"] == "" and res.partial
+
+
+def test_files_without_preamble_read_with_force_and_marked(tmp_path):
+    data = g.volume(3)
+    paths = g.write_series(tmp_path / "in", data)
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    for p in paths:  # no preamble, no "DICM", no file meta: a bare implicit-VR dataset, as old exports are
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        write_dataset(fp, ds)
+        p.write_bytes(fp.getvalue())
+        assert p.read_bytes()[128:132] != b"DICM"
+    res, cases, report, _ = run(tmp_path, [tmp_path / "in"])
+    assert res.cases == 1
+    assert "read with force" in report[report["status"] == "ok"].iloc[0]["reason"]
+    np.testing.assert_array_equal(array(tmp_path, "case_0001"), data)

@@ -117,6 +117,9 @@ def plan_series(frames: list[Frame], cfg: IngestConfig, label_regex: str | None 
 def _plan_group(frames: list[Frame], cfg: IngestConfig, role: str, sub: str) -> list[SeriesPlan]:
     frames = sorted(frames, key=lambda f: (f.source.label(), f.index))
     plan = _new_plan(frames, role, sub)
+    forced = len({f.source.label() for f in frames if f.forced})
+    if forced:
+        plan.flags.append(f"{forced} file(s) without the DICOM preamble read with force")
     if any("LOCALIZER" in f.image_type for f in frames) and not cfg.keep_localizers:
         plan.status, plan.reason = "ignored:localizer", "ImageType LOCALIZER (scout), dropped"
         return [plan]
@@ -150,6 +153,7 @@ def _plan_group(frames: list[Frame], cfg: IngestConfig, role: str, sub: str) -> 
         for t in range(k):
             idx = [members[t] for members in per_pos]
             p = _new_plan([frames[i] for i in idx], role, sub)
+            p.flags.extend(plan.flags)
             p.time_index, p.n_times = t, k
             p.flags.append(f"4D: time point {t + 1} of {k}")
             out.append(_geometry(p, ipp[idx], proj[idx], row, col, normal, cfg))

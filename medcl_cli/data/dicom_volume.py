@@ -120,6 +120,10 @@ def read_frames(plan: SeriesPlan) -> np.ndarray:
             with fp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(fp, force=f.forced)
+            if "TransferSyntaxUID" not in ds.file_meta:  # bare dataset read with force: use the encoding found
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
+                    pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
             arr = _pixels(ds)
             if arr.ndim == 3 and f.nframes == 1 and arr.shape[-1] in (3, 4):
                 raise ValueError("colour (RGB) images are not supported as training volumes")
