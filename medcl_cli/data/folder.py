@@ -17,9 +17,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from medcl_cli.errors import InputNotFoundError, InvalidDataError
 
@@ -99,6 +100,8 @@ def open_dataset(path: str | Path) -> DatasetFolder:
         info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InvalidDataError(f"{root / 'dataset.json'} is not valid JSON: {exc}", "re-run medcl ingest") from None
+    import pandas as pd  # imported here so `medcl ingest` and `--help` do not pay for it
+
     try:
         cases = pd.read_csv(root / "cases.csv", dtype={"case_id": str, "patient": str, "label": str, "image": str})
         meta = pd.read_csv(root / "meta.csv", dtype={"case_id": str})
@@ -111,6 +114,19 @@ def open_dataset(path: str | Path) -> DatasetFolder:
         )
     cases["label"] = cases["label"].fillna("")
     return DatasetFolder(root=root, info=info, cases=cases, meta=meta)
+
+
+def write_rows_atomic(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas."""
+    import csv
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    tmp.replace(path)
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:

@@ -17,18 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from medcl_cli import __version__
 from medcl_cli.config import IngestConfig
 from medcl_cli.data.dicom import ReportRow, ingest_dicom
 from medcl_cli.data.dicom_scan import walk_inputs
-from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION, write_csv_atomic, write_json_atomic
+from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION, write_json_atomic, write_rows_atomic
 from medcl_cli.data.ingest_nifti import ingest_nifti
 from medcl_cli.data.ingest_tables import (
-    dicom_meta_rows, label_map, patient_split, read_meta_csv, read_split_file, volume_meta_rows,
+    MetaTable, dicom_meta_rows, label_map, patient_split, read_meta_csv, read_split_file, volume_meta_rows,
 )
-from medcl_cli.data.meta import Redactor, resolve_keywords, salted_hash, split_phi
+from medcl_cli.data.meta import Redactor, normalised_columns, resolve_keywords, salted_hash, split_phi
 from medcl_cli.errors import InputNotFoundError, OutputError
 from medcl_cli.report import NullReporter, Reporter
 
@@ -99,7 +97,7 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
         raise InputNotFoundError(f"input not found: {', '.join(str(p) for p in missing)}", "check the path(s)")
     keywords = resolve_keywords(req.meta, req.allow_phi)
     public, phi = split_phi(keywords)
-    meta_df = read_meta_csv(req.meta_csv) if req.meta_csv else None
+    meta_table = read_meta_csv(req.meta_csv) if req.meta_csv else None
     split_map = read_split_file(req.split_file) if req.split_file else None
     if req.labels_dir is not None and not req.labels_dir.is_dir():
         raise InputNotFoundError(f"--labels folder not found: {req.labels_dir}", "check the path")
@@ -109,7 +107,7 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
     (work / "images").mkdir(parents=True)
     (work / "labels").mkdir()
     try:
-        result = _ingest_into(req, work, out, keywords, public, phi, meta_df, split_map, rep)
+        result = _ingest_into(req, work, out, keywords, public, phi, meta_table, split_map, rep)
         _swap_into_place(work, out)
         return result
     finally:
@@ -129,7 +127,7 @@ def _swap_into_place(work: Path, out: Path) -> None:
 
 
 def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str], public: list[str], phi: list[str],
-                 meta_df: pd.DataFrame | None, split_map: dict[str, str] | None, rep: Reporter) -> IngestResult:
+                 meta_table: MetaTable | None, split_map: dict[str, str] | None, rep: Reporter) -> IngestResult:
     display = _display_fn(req.inputs)
     walked = walk_inputs(req.inputs)
     redact = Redactor()
@@ -182,7 +180,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
                        "SeriesInstanceUID": c.plan.series, "files": len(c.plan.files)})
     for n in nifti_cases:
         values.update(n.label_values)
-        extra = meta_df.loc[n.name].to_dict() if meta_df is not None and n.name in meta_df.index else {}
+        extra = meta_table[1].get(n.name, {}) if meta_table is not None else {}
         patient = str(extra.get("patient") or n.name)
         case_rows.append({
             "case_id": n.case_id, "image": f"images/{n.case_id}.nii.gz",
@@ -192,78 +190,89 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             "_name": n.name,
         })
         meta_rows.extend(volume_meta_rows(n.case_id, n.size[2], public))
-    cases = pd.DataFrame(case_rows)
-    meta = pd.DataFrame(meta_rows)
-    n_cases = len(cases)
+    n_cases = len(case_rows)
     if n_cases == 0:
         reasons = Counter(r.status for r in rows)
         why = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) or "no files"
         raise InputNotFoundError(f"no usable image found in {', '.join(str(p) for p in req.inputs)} ({why})",
                                  "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files")
     names.update(req.label_names)
-    cases, meta = _join_and_split(cases, meta, meta_df, split_map, req, rep)
-    rep_df = pd.DataFrame([r.__dict__ for r in rows],
-                          columns=["source", "kind", "status", "reason", "case_id", "modality", "series_number",
-                                   "description", "files"])
+    join_cols = _join_and_split(case_rows, meta_rows, meta_table, split_map, req, rep)
+    case_rows.sort(key=lambda r: r["case_id"])
+    meta_rows.sort(key=lambda r: (r["case_id"], r["slice"]))
+    extra_case_cols = ["time_index", "flags", "nonfinite_voxels"] if dicom_cases else []
+    case_cols = CASES_COLUMNS + extra_case_cols + [c for c in join_cols if c not in CASES_COLUMNS]
+    meta_cols = ["case_id", "slice", "slice_position", "patient"]
+    for key in public:
+        meta_cols.append(key)
+        meta_cols.extend(normalised_columns(key, ""))
+    meta_cols += [c for c in join_cols if c not in meta_cols]
+    report_cols = ["source", "kind", "status", "reason", "case_id", "modality", "series_number", "description", "files"]
+    labelled = sum(1 for r in case_rows if r["label"])
+    counts = {"cases": n_cases, "labelled": labelled, "slices": len(meta_rows),
+              **{s: sum(1 for r in case_rows if r["split"] == s) for s in ("train", "val", "test")}}
+    missing_meta = {k: sum(1 for m in meta_rows if m.get(k, "") == "") for k in public}
     info = {
         "format_version": FORMAT_VERSION, "name": out.name, "labels": label_map(values, names),
-        "modality": "/".join(sorted({m for m in cases["modality"] if m})) or "unknown",
-        "medcl_version": __version__, "file_ending": ".nii.gz",
-        "counts": {"cases": n_cases, "labelled": int((cases["label"] != "").sum()), "slices": len(meta),
-                   **{s: int((cases["split"] == s).sum()) for s in ("train", "val", "test")}},
-        "meta_columns": [c for c in meta.columns if c not in ("case_id", "slice", "slice_position")],
+        "modality": "/".join(sorted({r["modality"] for r in case_rows if r["modality"]})) or "unknown",
+        "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts,
+        "meta_columns": meta_cols[3:], "missing_meta": missing_meta,
     }
-    missing_meta = {k: int((meta[k].astype(str) == "").sum()) for k in public if k in meta.columns}
-    info["missing_meta"] = missing_meta
-    write_csv_atomic(cases, work / "cases.csv")
-    write_csv_atomic(meta, work / "meta.csv")
-    write_csv_atomic(rep_df, work / "ingest_report.csv")
+    write_rows_atomic(case_rows, case_cols, work / "cases.csv")
+    write_rows_atomic(meta_rows, meta_cols, work / "meta.csv")
+    write_rows_atomic([r.__dict__ for r in rows], report_cols, work / "ingest_report.csv")
     write_json_atomic(info, work / "dataset.json")
     if req.allow_phi and (phi or id_map):
         (work / "private").mkdir()
-        write_csv_atomic(pd.DataFrame(id_map), work / "private" / "id_map.csv")
+        write_rows_atomic(id_map, ["case_id", "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
+                                   "files"], work / "private" / "id_map.csv")
         if phi:
-            write_csv_atomic(pd.DataFrame(private_rows), work / "private" / "meta_phi.csv")
+            write_rows_atomic(private_rows, ["case_id", "slice", *phi], work / "private" / "meta_phi.csv")
     statuses = Counter(r.status for r in rows)
     failed = sum(v for k, v in statuses.items() if k.startswith("failed"))
     ignored = sum(v for k, v in statuses.items() if k.startswith("ignored"))
-    return IngestResult(out, n_cases, info["counts"]["labelled"], {s: info["counts"][s] for s in ("train", "val", "test")},
+    return IngestResult(out, n_cases, labelled, {s: counts[s] for s in ("train", "val", "test")},
                         failed, ignored, dict(statuses), missing_meta)
 
 
-def _join_and_split(cases: pd.DataFrame, meta: pd.DataFrame, meta_df: pd.DataFrame | None,
-                    split_map: dict[str, str] | None, req: IngestRequest,
-                    rep: Reporter) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Join --meta-csv columns (per case, repeated per slice) and assign the split."""
-    names = cases["_name"] if "_name" in cases.columns else pd.Series([None] * len(cases))
-    key = names.where(names.notna(), cases["case_id"])
-    if meta_df is not None:
-        joined = meta_df.reindex(key.tolist())
-        joined.index = cases.index
-        for col in joined.columns:
-            if col == "patient":
-                continue
-            cases[col] = joined[col].fillna("").values
-        unmatched = int(joined.isna().all(axis=1).sum()) if len(joined.columns) else 0
-        if unmatched:
-            rep.log(f"--meta-csv: {unmatched} case(s) have no row in {req.meta_csv}", "warning")
+def _join_and_split(cases: list[dict[str, Any]], meta: list[dict[str, Any]], table: MetaTable | None,
+                    split_map: dict[str, str] | None, req: IngestRequest, rep: Reporter) -> list[str]:
+    """Join --meta-csv columns (per case, repeated per slice) and assign the split, in place; returns the
+    joined column names."""
+    columns, rows = table if table is not None else ([], {})
+    unmatched = 0
+    for c in cases:
+        key = c.pop("_name", None) or c["case_id"]
+        extra = rows.get(key)
+        if table is not None and extra is None:
+            unmatched += 1
+        for col in columns:
+            if col != "patient":
+                c[col] = (extra or {}).get(col, "")
+        c["_key"] = key
+    if unmatched:
+        rep.log(f"--meta-csv: {unmatched} case(s) have no row in {req.meta_csv}", "warning")
     if split_map is not None:
-        cases["split"] = [split_map.get(k, "") for k in key]
-        absent = int((cases["split"] == "").sum())
+        absent = 0
+        for c in cases:
+            c["split"] = split_map.get(c["_key"], "")
+            if not c["split"]:
+                absent += 1
+                c["split"] = "train"
         if absent:
             rep.log(f"--split-file: {absent} case(s) not listed; they go to train", "warning")
-            cases.loc[cases["split"] == "", "split"] = "train"
     else:
-        by_patient = patient_split(cases["patient"].tolist(), req.cfg.val_fraction, req.cfg.test_fraction,
+        by_patient = patient_split([c["patient"] for c in cases], req.cfg.val_fraction, req.cfg.test_fraction,
                                    req.cfg.seed)
-        cases["split"] = cases["patient"].map(by_patient)
-    per_case = cases.set_index("case_id")
-    join_cols = ["patient"] + [c for c in (meta_df.columns if meta_df is not None else []) if c != "patient"]
-    for col in join_cols:
-        if col in per_case.columns:
-            meta[col] = meta["case_id"].map(per_case[col]).values
-    cases = cases.drop(columns=[c for c in ("_name",) if c in cases.columns])
-    ordered = CASES_COLUMNS + [c for c in cases.columns if c not in CASES_COLUMNS]
-    cases = cases[ordered].sort_values("case_id", kind="stable").reset_index(drop=True)
-    meta = meta.sort_values(["case_id", "slice"], kind="stable").reset_index(drop=True)
-    return cases, meta
+        for c in cases:
+            c["split"] = by_patient[c["patient"]]
+    for c in cases:
+        c.pop("_key")
+    per_case = {c["case_id"]: c for c in cases}
+    joined = [col for col in columns if col != "patient"]
+    for m in meta:
+        c = per_case[m["case_id"]]
+        m["patient"] = c["patient"]
+        for col in joined:
+            m[col] = c.get(col, "")
+    return joined

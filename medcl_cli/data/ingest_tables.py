@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from medcl_cli.data.dicom import DicomCase
 from medcl_cli.data.folder import SPLITS
@@ -18,32 +17,46 @@ from medcl_cli.data.meta import normalised_columns, salted_hash
 from medcl_cli.errors import InputNotFoundError, UsageError
 
 
-def read_meta_csv(path: Path) -> pd.DataFrame:
-    """The --meta-csv table, keyed by `case_id` (all columns as text)."""
+MetaTable = tuple[list[str], dict[str, dict[str, str]]]  # (columns without case_id, case_id -> row)
+
+
+def _read_csv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
     if not path.is_file():
-        raise InputNotFoundError(f"--meta-csv file not found: {path}", "check the path")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "case_id" not in df.columns:
-        raise UsageError(f"--meta-csv {path} has no 'case_id' column (found: {', '.join(df.columns)})",
+        raise InputNotFoundError(f"{what} file not found: {path}", "check the path")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [{k: (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+            return [c.strip() for c in reader.fieldnames or []], rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"{what} {path} is not a readable CSV: {exc}") from None
+
+
+def read_meta_csv(path: Path) -> MetaTable:
+    """The --meta-csv table keyed by `case_id` (all values as text; the first row of a case wins)."""
+    columns, rows = _read_csv(path, "--meta-csv")
+    if "case_id" not in columns:
+        raise UsageError(f"--meta-csv {path} has no 'case_id' column (found: {', '.join(columns)})",
                          "the first column must be case_id, matching the image file names")
     reserved = {"slice", "slice_position", "split", "image", "label"}
-    clash = sorted(reserved & set(df.columns))
-    if clash:
-        df = df.rename(columns={c: f"{c}_user" for c in clash})
-    return df.drop_duplicates("case_id", keep="first").set_index("case_id")
+    rename = {c: f"{c}_user" if c in reserved else c for c in columns}
+    table: dict[str, dict[str, str]] = {}
+    for r in rows:
+        table.setdefault(r["case_id"], {rename[k]: v for k, v in r.items() if k != "case_id"})
+    return [rename[c] for c in columns if c != "case_id"], table
 
 
 def read_split_file(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise InputNotFoundError(f"--split-file not found: {path}", "check the path")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if not {"case_id", "split"} <= set(df.columns):
-        raise UsageError(f"--split-file {path} needs the columns case_id,split (found: {', '.join(df.columns)})")
-    bad = sorted(set(df["split"]) - set(SPLITS))
+    columns, rows = _read_csv(path, "--split-file")
+    if not {"case_id", "split"} <= set(columns):
+        raise UsageError(f"--split-file {path} needs the columns case_id,split (found: {', '.join(columns)})")
+    bad = sorted({r["split"] for r in rows} - set(SPLITS))
     if bad:
         raise UsageError(f"--split-file {path}: unknown split value(s) {', '.join(bad)}",
                          f"use {', '.join(SPLITS)}")
-    return dict(zip(df["case_id"], df["split"]))
+    return {r["case_id"]: r["split"] for r in rows}
 
 
 def patient_split(patients: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
