@@ -27,7 +27,7 @@ from medcl_cli.data.ingest_tables import (
     MetaTable, dicom_meta_rows, label_map, patient_split, read_meta_csv, read_split_file, volume_meta_rows,
 )
 from medcl_cli.data.meta import Redactor, normalised_columns, resolve_keywords, salted_hash, split_phi
-from medcl_cli.errors import InputNotFoundError, OutputError
+from medcl_cli.errors import InputNotFoundError, OutputError, UsageError
 from medcl_cli.report import NullReporter, Reporter
 
 
@@ -96,6 +96,14 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
     if missing:
         raise InputNotFoundError(f"input not found: {', '.join(str(p) for p in missing)}", "check the path(s)")
     keywords = resolve_keywords(req.meta, req.allow_phi)
+    if req.label_series:
+        import re
+
+        try:
+            re.compile(req.label_series)
+        except re.error as exc:
+            raise UsageError(f"--label-series '{req.label_series}' is not a valid regular expression: {exc}",
+                             "e.g. --label-series Mask or --label-series '(?i)seg|mask'") from None
     public, phi = split_phi(keywords)
     meta_table = read_meta_csv(req.meta_csv) if req.meta_csv else None
     split_map = read_split_file(req.split_file) if req.split_file else None
