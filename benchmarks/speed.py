@@ -1,0 +1,260 @@
+"""Training speed and memory of every registered method (benchmark.md section 2).
+
+    python benchmarks/speed.py [--batch-size 8] [--image-size 128] [--steps 10] [--device auto] [--out DIR]
+
+For every method in `medcl_cli.methods.REGISTRY` (each measured in its own fresh process, so peak memory
+is that method's): the median seconds per training step (forward + method loss + backward + optimizer)
+and the peak memory (RSS on CPU, max allocated on CUDA) at the same batch and image size, and the ratio of
+each to `supervised` measured in the same run. Also: the supervised step against a plain MONAI `BasicUNet`
+of the same widths trained with the same loss (target: ours at least as fast), the fraction of machine
+peak reached by the supervised step (torch.utils.flop_counter FLOPs per second over the FLOP/s of a large
+float32 matmul timed in the same run), and the data time per batch (memory-mapped lookup + transfer +
+two-view augmentation) against the step time. Prints a Markdown table; writes results.json and
+results.md into --out (default benchmarks/results/speed/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dataset(image_size: int, root: Path) -> Path:
+    from medcl_cli.data.synthetic import make_synthetic_dataset
+
+    data = root / f"synthetic-{image_size}"
+    if not (data / "dataset.json").is_file():
+        side = max(image_size, 48)
+        make_synthetic_dataset(data, n_patients=8, n_slices=10, shape_yx=(side, side), val_patients=2, seed=0)
+    return data
+
+
+def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Step time, data time and peak memory of method `key` (or `basicunet`) in this process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medcl_cli.config import load_config
+    from medcl_cli.data.augment import make_views
+    from medcl_cli.data.batches import BatchSource, labeled_patients, make_sampler, mark_labeled
+    from medcl_cli.data.dataset import open_slices
+    from medcl_cli.engine.device import autocast, resolve_device, resolve_precision
+    from medcl_cli.engine.optim import build_optimizer
+    from medcl_cli.engine.protocol import DataSpec, call_backward, on_step_end
+    from medcl_cli.methods import get_info, load_method_class
+    from medcl_cli.methods.supervised import Supervised, dice_ce
+    from medcl_cli.models.unet import build_unet
+
+    device = resolve_device(args.device)
+    method_key = "supervised" if key == "basicunet" else key
+    cfg = load_config(sets=[f"method={method_key}", f"data.image_size={args.image_size}"])
+    dtype = resolve_precision(cfg.train.precision, device)
+    slices = open_slices(_dataset(args.image_size, Path(args.data_root)), cfg.data)
+    mark_labeled(slices, labeled_patients(slices, "3", 0))
+    spec = DataSpec(slices.num_classes, slices.meta_cardinality, get_info(method_key).stages[0], 1)
+    torch.manual_seed(0)
+    net = build_unet(cfg.model, slices.num_classes)
+    if key == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        c = cfg.model.channels
+        plain = BasicUNet(2, 1, slices.num_classes, features=(*c, c[0]))
+
+        class Plain(torch.nn.Module):
+            n_views, needs = 1, {"labeled"}
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = plain
+
+            def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+                return {"loss": dice_ce(self.net(batch["image"]), batch["label"])}
+
+        method: torch.nn.Module = Plain()
+    else:
+        method = load_method_class(key)(net, cfg, spec)
+    method = method.to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    opt = build_optimizer(method, cfg.optim)
+    needs = set(getattr(method, "needs", {"labeled"}))
+    n_views = int(getattr(method, "n_views", 1))
+    total = args.warmup + args.steps
+    sampler = make_sampler(slices, needs, args.batch_size, 0.5, 0, 0, 1, 0, total)
+    source = BatchSource(slices)
+    step_times, data_times = [], []
+    flops = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for t in range(total):
+        t0 = time.perf_counter()
+        batch = source[sampler.local_batch(t)]
+        batch = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
+        batch = make_views(batch, n_views, cfg.augment, torch.Generator().manual_seed(t))
+        _sync(device)
+        t1 = time.perf_counter()
+        count = key in ("supervised", "basicunet") and t == args.warmup - 1
+        ctx = FlopCounterMode(display=False) if count else None
+        if ctx is not None:
+            ctx.__enter__()
+        with autocast(device, dtype):
+            losses = method.training_step(batch)
+        call_backward(method, losses)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+            flops = int(ctx.get_total_flops())
+        torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        on_step_end(method, t)
+        _sync(device)
+        t2 = time.perf_counter()
+        if t >= args.warmup:
+            step_times.append(t2 - t1)
+            data_times.append(t1 - t0)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        mem_kind = "cuda max allocated"
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+        mem_kind = "rss"
+    return {
+        "key": key,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "step_s": statistics.median(step_times),
+        "data_s": statistics.median(data_times),
+        "peak_mb": peak_mb,
+        "memory": mem_kind,
+        "flops_per_step": flops,
+        "n_params": sum(p.numel() for p in method.parameters()),
+    }
+
+
+def matmul_peak(device_spec: str) -> float:
+    """FLOP/s of a large float32 matmul on the device (best of a few runs)."""
+    import torch
+
+    from medcl_cli.engine.device import resolve_device
+
+    device = resolve_device(device_spec)
+    n = 4096 if device.type == "cuda" else 1536
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(4):
+        _sync(device)
+        t = time.perf_counter()
+        (a @ b).sum().item()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--methods", default="", help="comma-separated keys (default: every registered method)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "speed")
+    p.add_argument("--data-root", default=str(Path(tempfile.gettempdir()) / "medcl-bench"))
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one key, print JSON
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args)))
+        return 0
+
+    from medcl_cli.methods import REGISTRY
+
+    keys = [k for k in args.methods.split(",") if k] or list(REGISTRY)
+    keys = ["supervised"] + [k for k in keys if k != "supervised"] + ["basicunet"]
+    _dataset(args.image_size, Path(args.data_root))  # built once, outside the timed processes
+    rows: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        cmd = [sys.executable, __file__, "--one", key, "--batch-size", str(args.batch_size), "--image-size",
+               str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
+               args.device, "--data-root", args.data_root]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if res.returncode != 0:
+            print(f"{key}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            rows[key] = {"key": key, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+            continue
+        rows[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"{key}: {rows[key]['step_s']:.4f} s/step", file=sys.stderr)
+    peak = matmul_peak(args.device)
+    sup = rows.get("supervised", {})
+    for r in rows.values():
+        if "step_s" in r and "step_s" in sup:
+            r["time_ratio"] = r["step_s"] / sup["step_s"]
+            r["memory_ratio"] = r["peak_mb"] / sup["peak_mb"]
+    summary = {
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "device": sup.get("device"),
+        "matmul_flops_per_s": peak,
+        "methods": rows,
+    }
+    if sup.get("flops_per_step"):
+        summary["supervised_flops_per_s"] = sup["flops_per_step"] / sup["step_s"]
+        summary["fraction_of_peak"] = summary["supervised_flops_per_s"] / peak
+    if "step_s" in rows.get("basicunet", {}) and "step_s" in sup:
+        summary["supervised_vs_basicunet"] = sup["step_s"] / rows["basicunet"]["step_s"]
+    md = render(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+def render(s: dict[str, Any]) -> str:
+    lines = [
+        f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']}",
+        "",
+        "| method | s / step | x supervised | peak MB | x supervised | data s / batch | data / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, r in s["methods"].items():
+        if "step_s" not in r:
+            lines.append(f"| {k} | failed: {r.get('error', '')} | | | | | |")
+            continue
+        lines.append(
+            f"| {k} | {r['step_s']:.4f} | {r.get('time_ratio', float('nan')):.2f} | {r['peak_mb']:.0f} "
+            f"| {r.get('memory_ratio', float('nan')):.2f} | {r['data_s']:.4f} | {r['data_s'] / r['step_s']:.2f} |"
+        )
+    lines.append("")
+    if "supervised_vs_basicunet" in s:
+        lines.append(f"supervised step / MONAI BasicUNet step (same widths, same loss): {s['supervised_vs_basicunet']:.2f}")
+    if "fraction_of_peak" in s:
+        lines.append(
+            f"supervised step: {s['supervised_flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * s['fraction_of_peak']:.1f} % "
+            f"of a float32 matmul's {s['matmul_flops_per_s'] / 1e9:.2f} GFLOP/s"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    sys.exit(main())
