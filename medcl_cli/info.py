@@ -21,8 +21,27 @@ def list_templates() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def template_details() -> dict[str, dict[str, str]]:
+    """Each template's file path (to copy and edit, then pass with --config) and its first comment line."""
+    root = importlib.resources.files("medcl_cli.templates")
+    out: dict[str, dict[str, str]] = {}
+    for name in list_templates():
+        res = root / f"{name}.yaml"
+        first = next((ln.lstrip("# ").strip() for ln in res.read_text(encoding="utf-8").splitlines() if ln.startswith("#")), "")
+        out[name] = {"path": str(res), "description": first}
+    return out
+
+
+def method_usage(key: str, stages: tuple[str, ...], has_template: bool) -> list[str]:
+    """The command line(s) that run a method, one per stage it supports."""
+    cfg = f" --config {key}.yaml" if has_template else ""
+    return [f"medcl {stage} --method {key}{cfg} --data DATASET --out RUN" for stage in stages]
+
+
 def collect_info() -> dict[str, Any]:
     from medcl_cli.methods import REGISTRY
+
+    templates = template_details()
 
     try:
         import torch
@@ -40,8 +59,16 @@ def collect_info() -> dict[str, Any]:
         "versions": {p: _version(p) for p in ("torch", "monai", "SimpleITK", "pydicom", "numpy", "pandas")},
         "device": device,
         "methods": {
-            k: {"title": m.title, "stages": list(m.stages), "needs": m.needs, "citation": m.citation}
+            k: {
+                "title": m.title,
+                "stages": list(m.stages),
+                "needs": m.needs,
+                "citation": m.citation,
+                "template": templates[k]["path"] if k in templates else None,
+                "usage": method_usage(k, m.stages, k in templates),
+            }
             for k, m in REGISTRY.items()
         },
-        "templates": list_templates(),
+        "templates": list(templates),
+        "template_details": templates,
     }

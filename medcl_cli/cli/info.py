@@ -9,7 +9,8 @@ from medcl_cli.cli.options import JsonOpt
 
 
 def info(as_json: JsonOpt = False) -> None:
-    """Show the version, the device medcl would use, the methods and the templates.
+    """Show the version, the device medcl would use, each method (stages, the data it needs, paper, the
+    command that runs it) and the config templates with their paths, without loading any weights.
 
     Example: medcl info --json
     """
@@ -26,4 +27,10 @@ def info(as_json: JsonOpt = False) -> None:
     console.result("methods:")
     for name, m in data["methods"].items():
         console.result(f"  {name:<11} stages={','.join(m['stages'])}  needs: {m['needs']}")
-    console.result("templates: " + ", ".join(data["templates"]))
+        console.result(f"  {'':<11} {m['title']}" + (f" ({m['citation']})" if m["citation"] not in ("", "-") else ""))
+        for line in m["usage"]:
+            console.result(f"  {'':<11} {line}")
+    console.result("templates (copy one, edit it, pass it with --config):")
+    for name, t in data["template_details"].items():
+        console.result(f"  {name:<11} {t['description']}")
+        console.result(f"  {'':<11} {t['path']}")
