@@ -122,7 +122,8 @@ def _fit(
     seed_everything(tcfg.seed, tcfg.deterministic, rep)
     rep.log(f"device: {describe(device)}, precision: {str(dtype).replace('torch.', '')}, processes: {env.world}")
     t_cache = time.perf_counter()
-    slices = open_slices(req.data, cfg.data, rep, builder=env.is_main, barrier=lambda: D.barrier(env))
+    # the first process of every machine builds (atomic rename: a shared file system is fine)
+    slices = open_slices(req.data, cfg.data, rep, builder=env.local_rank == 0, barrier=lambda: D.barrier(env))
     t_cache = time.perf_counter() - t_cache
     patients = labeled_patients(slices, req.labeled, tcfg.seed)
     mark_labeled(slices, patients)
