@@ -258,6 +258,19 @@ def _local_terms(
     return loss_sum, count
 
 
+def local_supcon_parts(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, form: str = "code", chunk: int = 1 << 22, blocks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, units) of the local loss, whose mean is total / units: with `blocks`, the sum of the
+    per-block anchor means and the number of blocks with anchors; else the sum over all anchors of all
+    groups and their number. Split so that data-parallel ranks can average over the global units."""
+    loss_sum, count = local_supcon_terms(z, labels, tau, form, chunk)
+    if not blocks:
+        return loss_sum.sum(), count.sum()
+    has = count > 0
+    return (loss_sum / count.clamp(min=1) * has).sum(), has.sum()
+
+
 def local_supcon(
     z: torch.Tensor, labels: torch.Tensor, tau: float, form: str = "code", chunk: int = 1 << 22
 ) -> torch.Tensor:
@@ -267,8 +280,8 @@ def local_supcon(
     (`-1` ignored, `0` background, `>0` class). Mean over the anchors (non-background pixels with a
     defined loss, see `local_supcon_terms`); 0 (still attached to the graph) when there is none.
     """
-    loss_sum, count = local_supcon_terms(z[None], labels[None], tau, form, chunk)
-    return loss_sum[0] / count[0].clamp(min=1)
+    total, units = local_supcon_parts(z[None], labels[None], tau, form, chunk)
+    return total / units.clamp(min=1)
 
 
 def local_supcon_blocks(
@@ -281,10 +294,8 @@ def local_supcon_blocks(
     anchors, so all-background blocks are skipped as in the paper (the caller may drop them earlier to
     save the head's work). 0 (still attached to the graph) when no block has an anchor.
     """
-    loss_sum, count = local_supcon_terms(z, labels, tau, form, chunk)
-    has = count > 0
-    per_block = loss_sum / count.clamp(min=1)
-    return (per_block * has).sum() / has.sum().clamp(min=1)
+    total, units = local_supcon_parts(z, labels, tau, form, chunk, blocks=True)
+    return total / units.clamp(min=1)
 
 
 # ==== PDCR (Liu/Li et al., TMI 2022) ===============================================================

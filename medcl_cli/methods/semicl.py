@@ -39,13 +39,14 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from medcl_cli.data.augment import align, identity, make_views, overlap_mask
 from medcl_cli.engine.distributed import gather_with_grad
 from medcl_cli.errors import UsageError
-from medcl_cli.methods.losses import LOCAL_FORMS, local_supcon, local_supcon_blocks, nt_xent
+from medcl_cli.methods.losses import LOCAL_FORMS, local_supcon_parts, nt_xent
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.models.heads import DenseHead, GlobalHead
 
@@ -82,6 +83,17 @@ def block_pixels(feat: torch.Tensor, labels: torch.Tensor, block: int) -> tuple[
     z = feat.flatten(2)[:, :, idx]  # M x C x G' x P
     z = z.permute(2, 0, 3, 1).reshape(g, n, feat.shape[1])  # G' x (M P) x C
     return z, lab
+
+
+def _global_units(units: torch.Tensor) -> torch.Tensor:
+    """The divisor that makes the DDP average of the ranks' local losses the mean over every rank's units
+    (anchors or blocks): units_all / world. Ranks hold different numbers of labelled slices (the sampler
+    puts them first in the global batch), so a plain per-rank mean would weight them wrongly."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return units.clamp(min=1)
+    total = units.detach().to(torch.float64).reshape(1).clone()
+    dist.all_reduce(total)
+    return (total[0] / dist.get_world_size()).clamp(min=1e-12)
 
 
 def check_config(c: Any, image_size: int) -> None:
@@ -243,15 +255,16 @@ class SemiCL(nn.Module):
         else:
             z, lab = block_pixels(feat, labels, self.block)
         anchors = (lab > 0).sum().to(feat.dtype)
-        if not bool(anchors > 0):
+        if bool(anchors > 0):
+            z = F.normalize(self._head(z), dim=-1)
+            total, units = local_supcon_parts(z, lab, self.local_tau, self.form, self.chunk, self.mode == "block")
+        else:
             # nothing to contrast: a zero that still runs the head (its batch norm synchronises DDP ranks)
             # and reaches the network, so every rank does the same collective work
             corner = feat.flatten(2)[:, :, 0]  # M x C, one pixel per map
-            return self._head(corner[None]).sum() * 0.0 + feat.sum() * 0.0, anchors
-        z = F.normalize(self._head(z), dim=-1)
-        if self.mode == "stride":
-            return local_supcon(z[0], lab[0], self.local_tau, self.form, self.chunk), anchors
-        return local_supcon_blocks(z, lab, self.local_tau, self.form, self.chunk), anchors
+            total = self._head(corner[None]).sum() * 0.0 + feat.sum() * 0.0
+            units = torch.zeros((), dtype=torch.long, device=feat.device)
+        return total / _global_units(units).to(total.dtype), anchors
 
     def _head(self, z: torch.Tensor) -> torch.Tensor:
         """The dense head on picked pixels: G x N x C -> G x N x D (its 1x1 convs act per pixel)."""
