@@ -242,3 +242,22 @@ def test_failed_ingest_leaves_no_half_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         ingest(IngestRequest([tmp_path / "in"], tmp_path / "ds", cfg=IngestConfig(workers=1)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_labels_folder_inside_the_input_is_not_ingested_as_images(tmp_path):
+    import SimpleITK as sitk
+
+    for sub in ("images", "labels"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    for name in ("a", "b"):
+        img = sitk.GetImageFromArray(np.random.default_rng(0).random((3, 8, 8)).astype(np.float32))
+        sitk.WriteImage(img, str(tmp_path / "data" / "images" / f"{name}_0000.nii.gz"))
+        lab = sitk.GetImageFromArray(np.ones((3, 8, 8), np.uint8) * 2)
+        sitk.WriteImage(lab, str(tmp_path / "data" / "labels" / f"{name}.nii.gz"))
+    res = ingest(IngestRequest([tmp_path / "data"], tmp_path / "ds", labels_dir=tmp_path / "data" / "labels",
+                               cfg=IngestConfig(workers=1)))
+    assert res.cases == 2 and res.labelled == 2 and not res.partial
+    cases = pd.read_csv(tmp_path / "ds" / "cases.csv", keep_default_na=False)
+    assert sorted(cases["case_id"]) == ["a", "b"]
+    info = __import__("json").loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert info["labels"] == {"0": "background", "2": "class_2"}

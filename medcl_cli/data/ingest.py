@@ -138,6 +138,9 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
                  meta_table: MetaTable | None, split_map: dict[str, str] | None, rep: Reporter) -> IngestResult:
     display = _display_fn(req.inputs)
     walked = walk_inputs(req.inputs)
+    if req.labels_dir is not None:  # `ingest data/ --labels data/labels`: labels are not images
+        lab_root = req.labels_dir.resolve()
+        walked.volumes = [v for v in walked.volumes if lab_root not in v.resolve().parents]
     redact = Redactor()
     taken: set[str] = set()
     from medcl_cli.data.dicom_scan import worker_count
