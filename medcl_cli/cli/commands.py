@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "predict", "predict"),
     ("export", "export", "export"),
     ("runs", "runs", "runs"),
+    ("demo", "demo", "demo"),
 ]
 
 
