@@ -8,6 +8,7 @@ takes rows [r*B/W, (r+1)*B/W) of the same global batch (a single-process run see
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -155,6 +156,24 @@ class BatchSource(torch.utils.data.Dataset):
 
     def __init__(self, slices: SliceSet) -> None:
         self.s = slices
+
+    def __getstate__(self) -> dict[str, object]:
+        """Workers started by spawn (macOS) reopen the memory maps instead of receiving a pickled copy."""
+        s = self.s
+        if isinstance(s.images, np.memmap):
+            return {"s": dataclasses.replace(s, images=None, labels=None), "reopen": True}
+        return {"s": s, "reopen": False}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        s = state["s"]
+        assert isinstance(s, SliceSet)
+        if state["reopen"]:
+            s = dataclasses.replace(
+                s,
+                images=np.load(s.cache_dir / "images.npy", mmap_mode="r"),
+                labels=np.load(s.cache_dir / "labels.npy", mmap_mode="r"),
+            )
+        self.s = s
 
     def __len__(self) -> int:
         return len(self.s.case)

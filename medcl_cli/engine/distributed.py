@@ -16,13 +16,15 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from medcl_cli.errors import MedclError
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,28 @@ def shutdown() -> None:
 def barrier(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def run_on_main(env: DistEnv, fn: Callable[[], None]) -> None:
+    """Run a check on rank 0 only; if it raises, every rank raises (the same MedclError on rank 0)."""
+    if not env.enabled or not dist.is_initialized():
+        fn()
+        return
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            fn()
+        except MedclError as exc:
+            error = exc
+    box: list[Any] = [None if error is None else (type(error).__name__, error.message, error.hint, error.exit_code)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        _, message, hint, code = box[0]
+        exc = MedclError(message, hint)
+        exc.exit_code = code
+        raise exc
 
 
 def free_port() -> int:

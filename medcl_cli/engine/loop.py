@@ -87,8 +87,8 @@ def fit(req: FitRequest, reporter: Reporter | None = None) -> FitResult:
     tcfg = cfg.train
     device = resolve_device(tcfg.device, env.local_rank if env.enabled else None)
     dtype = resolve_precision(tcfg.precision, device)
-    check_out(req.out, req.overwrite, req.resume)
     D.init(env, device)
+    D.run_on_main(env, lambda: check_out(req.out, req.overwrite, req.resume))  # others must not see rank 0's files
     if env.is_main and req.overwrite and not req.resume:
         clear_run_files(req.out)
     D.barrier(env)
