@@ -191,6 +191,47 @@ class SemiCLConfig:
 
 
 @dataclass(frozen=True)
+class ARCOConfig:
+    """ARCO: mean teacher, relational pre-training, SG/SAG-sampled prototype contrast (You et al. 2023)."""
+
+    ema_momentum: float = 0.99  # teacher = EMA of the student (paper and code: 0.99)
+    sampler: str = "sg"  # sg (paper default) | sag | ns | index_order (the official code's index-order groups)
+    grid: int = 4  # SG/SAG: G x G spatial cells per class (paper: 9, 16 or 25 cells; code: 16 blocks)
+    eval_net: str = "teacher"  # network validated and exported: teacher (EMA) | student (the code saves the student)
+    # stage 1, relational pre-training: L_sup + L_inst^global + L_inst^local
+    tau_s: float = 0.1  # student temperature of the relational KL (paper and code)
+    tau_t: float = 0.01  # teacher temperature (paper; the code uses 0.1)
+    queue_size: int = 36  # teacher embeddings in each relational queue (code: K = 36)
+    global_hidden: int = 256  # global projector bottleneck -> 256 -> 512 (code)
+    global_dim: int = 512
+    local_hidden: int = 64  # local 1x1-conv projector on the pooled logits
+    local_dim: int = 16  # channels per pooled pixel; a patch embedding is local_dim x 8 x 8
+    local_cells: int = 4  # logits pooled to (8 local_cells)^2, cut into 8x8 patches with stride 4 (code: 64/32 on 256)
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    # stage 2, anatomical contrastive fine-tuning: L_sup + l1 L_contrast + l2 L_unsup + l3 L_nn
+    contrast_weight: float = 0.01  # lambda1 (paper, grid-searched on ACDC 1 %)
+    unsup_weight: float = 1.0  # lambda2 (paper)
+    nn_weight: float = 1.0  # lambda3 (paper)
+    temperature: float = 0.5  # tau of L_contrast (paper App. C, code --temp)
+    rep_hidden: int = 256  # representation head over the fused decoder features (code: 496 -> 496)
+    rep_dim: int = 256  # representation size (paper 512, code 496; smaller for CPU)
+    num_queries: int = 256  # anchors per class drawn by the sampler (code)
+    num_negatives: int = 512  # negatives per class, shared by its anchors as in the paper's R_k^c (code: 512)
+    prototype_samples: int = 512  # class pixels drawn by the sampler to estimate the class-mean positive
+    bank_size: int = 4096  # per-class FIFO bank of sampled teacher embeddings (code: 30000, 50000 background)
+    confidence: float = 0.97  # pseudo-label confidence threshold of L_unsup (code strong_threshold)
+    anchor_confidence: float = 0.7  # unlabelled pixels enter L_contrast above this confidence (code weak_threshold)
+    unsup_mode: str = "mask"  # mask (paper: confident pixels only) | weight (code: all pixels x confident fraction)
+    cutmix: bool = True  # CutMix the unlabelled batch before the student sees it (code default)
+    cutmix_area: float = 0.5  # area fraction of the pasted box (ReCo/ARCO code: 1/2)
+    nn_topk: int = 5  # neighbours of L_nn (code)
+    nn_queue: int = 36  # FIFO bank of L_nn (paper and code: 36)
+    nn_grid: int = 8  # an image's L_nn embedding = representations on an 8x8 point grid (code: the whole map)
+    nn_student_grad: bool = True  # paper: L_nn trains the student; false = code (teacher distances, no gradient)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a command; saved as `config.yaml` in every run folder."""
 
@@ -204,6 +245,7 @@ class Config:
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     gcl: GCLConfig = field(default_factory=GCLConfig)
+    arco: ARCOConfig = field(default_factory=ARCOConfig)
     semicl: SemiCLConfig = field(default_factory=SemiCLConfig)
     pdcr: PDCRConfig = field(default_factory=PDCRConfig)
 

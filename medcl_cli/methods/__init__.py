@@ -57,6 +57,14 @@ REGISTRY: dict[str, MethodInfo] = {
         "Wu et al., ACM MM 2023 (arXiv 2309.08888)",
         "GCL",
     ),
+    "arco": MethodInfo(
+        "arco",
+        "ARCO: mean teacher, relational pretraining, SG/SAG-sampled prototype contrast + pseudo-labels",
+        ("pretrain", "finetune"),
+        "few labelled + unlabelled slices",
+        "You et al., NeurIPS 2023 (arXiv 2302.01735)",
+        "ARCO",
+    ),
 }
 
 

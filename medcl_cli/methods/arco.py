@@ -1,0 +1,303 @@
+"""ARCO: semi-supervised contrastive learning with stratified group sampling (You et al., NeurIPS 2023).
+
+"Rethinking Semi-Supervised Medical Image Segmentation: A Variance-Reduction Perspective", arXiv
+2302.01735. A mean-teacher pair (teacher = EMA of the student, `arco.ema_momentum` 0.99) owned by this
+module and saved in its state dict; every batch mixes labelled and unlabelled slices
+(`train.labeled_fraction_per_batch`). The stage comes from `spec.stage`:
+
+- pretrain (relational pre-training, App. E): L_sup (Dice + CE, labelled slices) + L_inst^global +
+  L_inst^local. Student on view 1, teacher on view 2. Global: pooled bottleneck -> MLP (+ predictor on
+  the student); local: logits pooled to (8 G)^2 -> 1x1-conv head (+ 1x1-conv predictor), cut into 8x8
+  patches with stride 4, teacher logits aligned onto view 1 first. Each is a KL between the student and
+  teacher similarity distributions over a FIFO queue of K = 36 teacher embeddings (`relational_kl`).
+- finetune (anatomical contrastive fine-tuning): L_sup + l1 L_contrast + l2 L_unsup + l3 L_nn with the
+  paper's l1 = 0.01, l2 = l3 = 1. Teacher pseudo-labels on the unlabelled slices; those slices are
+  CutMix-ed before the student sees them. L_contrast: per class, anchors drawn by the sampler among the
+  class's (confident) pixels, positive = teacher class mean (estimated from a sampler draw), negatives
+  drawn from a per-class bank of teacher embeddings of the other classes. L_nn: nearest neighbours of
+  an image embedding in a 36-entry FIFO bank.
+
+Paper vs code (docs/methods.md section 4), paper by default:
+- teacher temperature tau_t = 0.01 (code 0.1: `arco.tau_t`);
+- L_nn trains the student (code: teacher distances only, no gradient: `arco.nn_student_grad=false`);
+- SG groups = (class, cell of a G x G image grid) (code: blocks of the candidates' index order:
+  `arco.sampler=index_order`); for bank negatives, which have no position, SAG falls back to SG;
+- L_unsup on confident pixels only (code: all pixels x confident fraction: `arco.unsup_mode=weight`);
+- no TPS-equivariance loss and no adversarial morphing augmentation (code-only, not cheap: not built).
+Memory: representations are computed at sampled pixels only (the fusion head is 1x1 convolutions over
+bilinearly upsampled decoder maps, so this equals reading the full map there); queues and banks hold
+sampled embeddings only, bounded, on the training device.
+
+`eval_net()` returns the EMA teacher by default (`arco.eval_net=teacher`): it is the temporal ensemble
+of the student that produced the pseudo-labels and is the smoother, usually better network in
+mean-teacher training; `student` matches the official code, which saves and tests the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medcl_cli.data.augment import align
+from medcl_cli.errors import UsageError, unknown_choice
+from medcl_cli.methods.arco_bank import (
+    SAMPLERS,
+    ClassBank,
+    FifoQueue,
+    cutmix_sources,
+    draw,
+    gather_pixels,
+    pixel_draw,
+    point_features,
+)
+from medcl_cli.methods.ema import make_teacher, update_ema
+from medcl_cli.methods.losses import nearest_neighbour_loss, prototype_info_nce, pseudo_label_ce, relational_kl
+from medcl_cli.methods.samplers import dense_groups, grid_cells
+from medcl_cli.methods.supervised import dice_ce
+from medcl_cli.models.heads import DenseHead, GlobalHead, Predictor
+
+PATCH = 8  # pooled pixels per side of a local patch (code: 64x64 patches avg-pooled to 8x8)
+
+
+def _check(c: Any, spec: Any, net: nn.Module) -> None:
+    if c.sampler not in SAMPLERS:
+        raise unknown_choice("arco.sampler", c.sampler, SAMPLERS)
+    if c.eval_net not in ("teacher", "student"):
+        raise unknown_choice("arco.eval_net", c.eval_net, ("teacher", "student"))
+    if c.unsup_mode not in ("mask", "weight"):
+        raise unknown_choice("arco.unsup_mode", c.unsup_mode, ("mask", "weight"))
+    if not 0.0 <= c.ema_momentum <= 1.0:
+        raise UsageError(f"arco.ema_momentum must be in [0, 1], found {c.ema_momentum}", "the paper uses 0.99")
+    if min(c.tau_s, c.tau_t, c.temperature) <= 0:
+        raise UsageError("arco temperatures (tau_s, tau_t, temperature) must be > 0")
+    if min(c.grid, c.queue_size, c.nn_queue, c.nn_grid, c.bank_size, c.local_cells, c.nn_topk) < 1:
+        raise UsageError("arco grid, queue sizes, nn_grid, nn_topk, bank_size and local_cells must be >= 1")
+    if min(c.num_queries, c.num_negatives, c.prototype_samples) < 2:
+        raise UsageError("arco.num_queries, num_negatives and prototype_samples must be >= 2")
+    if getattr(net, "spatial_dims", 2) != 2:
+        raise UsageError("arco is implemented for 2D slices", "set model.spatial_dims=2")
+    if spec.stage not in ("pretrain", "finetune"):
+        raise UsageError(f"arco has no stage '{spec.stage}'", "use medcl pretrain or medcl finetune")
+
+
+class ARCO(nn.Module):
+    """Mean-teacher semi-supervised method; the stage (pretrain | finetune) comes from the DataSpec."""
+
+    needs = {"labeled", "unlabeled"}
+
+    def __init__(self, net: nn.Module, cfg: Any, spec: Any) -> None:
+        super().__init__()
+        c = cfg.arco
+        _check(c, spec, net)
+        self.c, self.net, self.stage, self.k = c, net, spec.stage, int(spec.num_classes)
+        self.sup_cfg = cfg.supervised
+        self.n_views = 2 if self.stage == "pretrain" else 1
+        heads: dict[str, nn.Module] = {}
+        preds: dict[str, nn.Module] = {}
+        if self.stage == "pretrain":
+            bottleneck = net.stage_channels[f"enc{len(net.channels) - 1}"]
+            heads["glob"] = GlobalHead(bottleneck, c.global_hidden, c.global_dim)
+            heads["loc"] = DenseHead(self.k, c.local_hidden, c.local_dim)
+            preds["glob"] = Predictor(c.global_dim, c.global_hidden)
+            preds["loc"] = DenseHead(c.local_dim, c.local_hidden, c.local_dim)
+            self.global_queue = FifoQueue(c.queue_size, c.global_dim)
+            self.local_queue = FifoQueue(c.queue_size, c.local_dim * PATCH * PATCH)
+        else:
+            heads["rep"] = DenseHead(sum(net.channels), c.rep_hidden, c.rep_dim)
+            self.bank = ClassBank(self.k, c.bank_size, c.rep_dim)
+            self.nn_bank = FifoQueue(c.nn_queue, c.rep_dim * c.nn_grid * c.nn_grid)
+        self.heads = nn.ModuleDict(heads)
+        self.predictors = nn.ModuleDict(preds)
+        self.teacher = nn.ModuleDict({"net": make_teacher(net), "heads": make_teacher(self.heads)})
+        # False until the teacher has copied the student (after any --init-from load); saved with the state
+        self.register_buffer("teacher_synced", torch.zeros((), dtype=torch.bool))
+        self._pending: dict[str, Any] = {}
+
+    # ---- protocol ---------------------------------------------------------------------------------
+
+    def eval_net(self) -> nn.Module:
+        """The EMA teacher (default) or the student, per `arco.eval_net` (see the module docstring)."""
+        use_teacher = self.c.eval_net == "teacher" and bool(self.teacher_synced)
+        return self.teacher["net"] if use_teacher else self.net
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not bool(self.teacher_synced):
+            update_ema(self.teacher["net"], self.net, 0.0)
+            update_ema(self.teacher["heads"], self.heads, 0.0)
+            self.teacher_synced.fill_(True)
+        self.teacher.train()  # batch statistics in the teacher, as the official code (ema_model.train())
+        return self._pretrain(batch) if self.stage == "pretrain" else self._finetune(batch)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.training_step(batch)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        """EMA update of the teacher (after the optimiser step), then the queue/bank pushes of this step."""
+        update_ema(self.teacher["net"], self.net, self.c.ema_momentum)
+        update_ema(self.teacher["heads"], self.heads, self.c.ema_momentum)
+        p, self._pending = self._pending, {}
+        if "glob" in p:
+            self.global_queue.push(p["glob"])
+            self.local_queue.push(p["loc"])
+        if "bank" in p:
+            self.bank.push(*p["bank"])
+        if "nn" in p:
+            self.nn_bank.push(p["nn"])
+
+    # ---- shared pieces ----------------------------------------------------------------------------
+
+    def _sup(self, logits: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor) -> torch.Tensor:
+        if not bool(labeled.any()):
+            return logits.sum() * 0.0
+        return dice_ce(logits[labeled], label[labeled], self.sup_cfg.dice_weight, self.sup_cfg.ce_weight)
+
+    def _local(self, head: Any, logits: torch.Tensor) -> torch.Tensor:
+        """(B L) x (d 8 8) L2-normalised patch embeddings of pooled logits (L = (2 G - 1)^2 patches)."""
+        pooled = F.adaptive_avg_pool2d(logits, PATCH * self.c.local_cells)
+        patches = F.unfold(head(pooled), PATCH, stride=PATCH // 2)
+        return F.normalize(patches.transpose(1, 2).reshape(-1, patches.shape[1]), dim=1)
+
+    @staticmethod
+    def _rep(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """The 1x1-conv representation head applied to N sampled feature vectors -> N x D, normalised."""
+        out = head(feats.t()[None, :, :, None])[0, :, :, 0].t()
+        return F.normalize(out, dim=1)
+
+    # ---- stage 1 ----------------------------------------------------------------------------------
+
+    def _pretrain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        c = self.c
+        out = self.net(batch["image"])
+        sup = self._sup(out.logits, batch["label"], batch["labeled"])
+        with torch.no_grad():
+            t = self.teacher["net"](batch["image2"])
+            t_glob = F.normalize(self.teacher["heads"]["glob"](t.enc[-1]), dim=1)
+            t_logits = align(t.logits, batch["theta2"], batch["theta"])  # onto view 1's grid
+            t_loc = self._local(self.teacher["heads"]["loc"], t_logits)
+            keep = torch.randperm(t_loc.shape[0], device=t_loc.device)[: c.queue_size]
+            if int(self.global_queue.filled) == 0:  # first step: real embeddings, not the random start
+                self.global_queue.push(t_glob)
+                self.local_queue.push(t_loc[keep])
+        s_glob = F.normalize(self.predictors["glob"](self.heads["glob"](out.enc[-1])), dim=1)
+        s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)
+        l_glob = relational_kl(s_glob, t_glob, self.global_queue.data, c.tau_s, c.tau_t)
+        l_loc = relational_kl(s_loc, t_loc, self.local_queue.data, c.tau_s, c.tau_t)
+        self._pending = {"glob": t_glob, "loc": t_loc[keep]}
+        loss = sup + c.global_weight * l_glob + c.local_weight * l_loc
+        return {"loss": loss, "sup": sup.detach(), "global": l_glob.detach(), "local": l_loc.detach()}
+
+    # ---- stage 2 ----------------------------------------------------------------------------------
+
+    def _finetune(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        c = self.c
+        x, y, lab = batch["image"], batch["label"], batch["labeled"].bool()
+        nb, _, h, w = x.shape
+        with torch.no_grad():
+            t = self.teacher["net"](x)
+            conf, plabel = torch.softmax(t.logits.float(), dim=1).max(dim=1)
+            target = torch.where(lab[:, None, None], y, plabel)
+            conf = torch.where(lab[:, None, None], torch.ones_like(conf), conf)
+            src = cutmix_sources(lab, (h, w), c.cutmix_area if c.cutmix else 0.0, None)
+            x_mix = gather_pixels(x, src)
+            target, conf = gather_pixels(target, src), gather_pixels(conf, src)
+        out = self.net(x_mix)
+        sup = self._sup(out.logits, y, lab)
+        unl = ~lab
+        if bool(unl.any()):
+            unsup = pseudo_label_ce(out.logits[unl], target[unl], conf[unl], c.confidence, c.unsup_mode)
+        else:
+            unsup = out.logits.sum() * 0.0
+        contrast, nn_loss = self._contrast_and_nn(out, t, target, conf, lab, src, (nb, h, w))
+        loss = sup + c.contrast_weight * contrast + c.unsup_weight * unsup + c.nn_weight * nn_loss
+        return {
+            "loss": loss,
+            "sup": sup.detach(),
+            "contrast": contrast.detach(),
+            "unsup": unsup.detach(),
+            "nn": nn_loss.detach(),
+        }
+
+    def _contrast_and_nn(
+        self, out: Any, t: Any, target: torch.Tensor, conf: torch.Tensor, lab: torch.Tensor,
+        src: torch.Tensor, shape: tuple[int, int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.c
+        nb, h, w = shape
+        dev = target.device
+        valid = (target >= 0) & (lab[:, None, None] | (conf >= c.anchor_confidence))
+        cls_map = torch.where(valid, target, torch.full_like(target, -1))
+        # sampled pixels: anchors (student) and prototype pixels (teacher) of each class present
+        a_pts, a_cls, p_pts, p_cls = [], [], [], []
+        for k in torch.unique(cls_map[cls_map >= 0]).tolist():
+            b, yy, xx = torch.nonzero(cls_map == k, as_tuple=True)
+            for n, pts, cls in ((c.num_queries, a_pts, a_cls), (c.prototype_samples, p_pts, p_cls)):
+                i = pixel_draw(c.sampler, n, b, yy, xx, shape, c.grid, None)
+                pts.append(torch.stack([b[i], yy[i], xx[i]]))
+                cls.append(torch.full((i.numel(),), k, device=dev, dtype=torch.long))
+        g = c.nn_grid
+        centres = ((torch.arange(g, device=dev) + 0.5) * h / g).long(), ((torch.arange(g, device=dev) + 0.5) * w / g).long()
+        ub = torch.nonzero(~lab).flatten()
+        gy, gx = torch.meshgrid(*centres, indexing="ij")
+        nn_pts = torch.stack(
+            [ub.repeat_interleave(g * g), gy.flatten().repeat(ub.numel()), gx.flatten().repeat(ub.numel())]
+        )
+        empty = torch.zeros(3, 0, dtype=torch.long, device=dev)
+        a = torch.cat(a_pts, 1) if a_pts else empty
+        p = torch.cat(p_pts, 1) if p_pts else empty
+        s_pts = torch.cat([a, nn_pts], 1)
+        t_pts = torch.cat([p, nn_pts], 1)
+        t_pts = torch.stack([src[t_pts[0], t_pts[1], t_pts[2]], t_pts[1], t_pts[2]])  # teacher saw unmixed slices
+        zero = out.logits.sum() * 0.0
+        if s_pts.shape[1] < 2:
+            return zero, zero
+        s_rep = self._rep(self.heads["rep"], point_features([out.enc[-1], *out.dec], *s_pts, (h, w)))
+        with torch.no_grad():
+            t_rep = self._rep(self.teacher["heads"]["rep"], point_features([t.enc[-1], *t.dec], *t_pts, (h, w)))
+        na, npr = a.shape[1], p.shape[1]
+        anchors, s_nn = s_rep[:na], s_rep[na:]
+        protos, t_nn = t_rep[:npr], t_rep[npr:]
+        a_cls_t = torch.cat(a_cls) if a_cls else torch.zeros(0, dtype=torch.long, device=dev)
+        p_cls_t = torch.cat(p_cls) if p_cls else torch.zeros(0, dtype=torch.long, device=dev)
+        p_cell = grid_cells(p[1], p[2], (h, w), c.grid)
+        contrast = self._contrast(anchors, a_cls_t, protos, p_cls_t, p_cell) if na else zero
+        self._pending["bank"] = (protos, p_cls_t, p_cell)
+        nn_loss = zero
+        if ub.numel():
+            s_img = F.normalize(s_nn.reshape(ub.numel(), -1), dim=1)
+            t_img = F.normalize(t_nn.reshape(ub.numel(), -1), dim=1)
+            bank = self.nn_bank.valid()
+            if bank.shape[0] > 0:
+                nn_loss = nearest_neighbour_loss(s_img, t_img, bank, c.nn_topk, c.nn_student_grad)
+            self._pending["nn"] = t_img
+        return contrast, nn_loss
+
+    def _contrast(
+        self, anchors: torch.Tensor, a_cls: torch.Tensor, protos: torch.Tensor, p_cls: torch.Tensor,
+        p_cell: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean over classes of the prototype InfoNCE; negatives = bank + this step's other-class pixels."""
+        c = self.c
+        terms = []
+        for k in torch.unique(a_cls).tolist():
+            mine = p_cls == k
+            if not bool(mine.any()):
+                continue
+            positive = F.normalize(protos[mine].mean(0), dim=0)
+            slots, b_cls, b_cell = self.bank.candidates(exclude=k)
+            fresh = protos[~mine]
+            if slots.numel() + fresh.shape[0] == 0:
+                continue
+            groups = dense_groups(torch.cat([b_cls, p_cls[~mine]]), torch.cat([b_cell, p_cell[~mine]]))
+            idx = draw(c.sampler, c.num_negatives, groups, None, None, c.grid, replace=True)
+            from_bank = idx < slots.numel()
+            neg = torch.empty(idx.numel(), protos.shape[1], dtype=protos.dtype, device=protos.device)
+            neg[from_bank] = self.bank.take(slots[idx[from_bank]]).to(protos.dtype)
+            neg[~from_bank] = fresh[idx[~from_bank] - slots.numel()]
+            terms.append(prototype_info_nce(anchors[a_cls == k], positive, neg, c.temperature))
+        if not terms:
+            return anchors.sum() * 0.0
+        return torch.stack(terms).mean()
