@@ -48,3 +48,21 @@ def test_acdc_runner_smoke(shared_data, tmp_path):
         assert 0 <= r["val"]["dice_mean"] <= 1 and r["val"]["n_cases"] == 1
         assert r["other"]["n_cases"] == 3 and r["finetune"]["peak_mb"] > 50
     assert "| simclr | 1 |" in res.stdout and (out / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_predict_benchmark_smoke(shared_data, tmp_path):
+    import volumes as V
+
+    run = V.write_run(tmp_path / "run")  # a tiny trained 2-class run: timing only, the classes do not matter
+    acdc = shared_data("acdc")
+    files = [str(acdc / "images" / f"{c}.nii.gz") for c in ("patient041_frame01", "patient090_frame01")]
+    out = tmp_path / "bench"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "predict.py"), "--run", str(run), "--inputs", *files,
+                          "--repeats", "1", "--device", "cpu", "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    js = json.loads((out / "results.json").read_text())
+    assert js["volumes"] == 2 and set(js["predict"]["per_volume"]) == {Path(f).name for f in files}
+    assert js["median_ratio_predict_to_forward"] > 0  # one repeat on a shared CPU: no ordering is reliable
+    assert js["predict"]["peak_rss_mb"] > 0 and js["cli"]["total_seconds"] > 0
+    assert "| forward passes only |" in res.stdout
