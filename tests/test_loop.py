@@ -137,3 +137,15 @@ def test_lr_schedules():
     assert lr_at(50, 100, poly) == pytest.approx(0.5**0.9)
     assert lr_at(50, 100, OptimConfig(lr=0.3, schedule="constant")) == 0.3
     assert not math.isnan(lr_at(0, 1, cos))
+
+
+def test_resume_command_extends_a_run_with_its_labelled_set(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert medcl("finetune", "--data", str(tiny_dataset), "--out", str(out), "--steps", "2", "--labeled", "1",
+                 "--set", "train.val_every=0", *TINY) == 0
+    first = json.loads((out / "run.json").read_text())
+    assert medcl("finetune", "--resume", str(out), "--steps", "3") == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["steps_done"] == 3 and info["resumed"][0]["at_step"] == 2
+    assert info["labeled_patients"] == first["labeled_patients"] and len(first["labeled_patients"]) == 1
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 3

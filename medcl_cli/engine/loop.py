@@ -8,6 +8,7 @@ engine knows the method protocol (engine/protocol.py), never a concrete method.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -126,6 +127,8 @@ def _fit(
     slices = open_slices(req.data, cfg.data, rep, builder=env.local_rank == 0, barrier=lambda: D.barrier(env))
     t_cache = time.perf_counter() - t_cache
     patients = labeled_patients(slices, req.labeled, tcfg.seed)
+    if req.resume and (req.out / "run.json").is_file():  # the resumed run keeps its labelled set
+        patients = json.loads((req.out / "run.json").read_text(encoding="utf-8")).get("labeled_patients", patients)
     mark_labeled(slices, patients)
     method, info = build_method(cfg, req.stage, slices, env, device, req.init_from, rep)
     opt = build_optimizer(method, cfg.optim)
