@@ -108,6 +108,13 @@ class TrainConfig:
     log_every: int = 10
 
 
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How `evaluate` and `predict` run the network over a volume (slices of one volume per batch)."""
+
+    batch_size: int = 16  # slices per forward pass; memory ~ batch x classes x Y x X floats after resampling
+
+
 # --------------------------------------------------------------------------------------------------
 # methods (one section per registry key)
 
@@ -242,6 +249,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     gcl: GCLConfig = field(default_factory=GCLConfig)

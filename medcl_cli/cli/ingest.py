@@ -67,7 +67,7 @@ def ingest(
     from medcl_cli.data.ingest import IngestRequest, ingest as run_ingest
     from medcl_cli.errors import PartialSuccess
 
-    cfg = with_overrides(load_config(config, sets), {
+    cfg = with_overrides(load_config(list(config or []), sets), {
         "ingest.val_fraction": val_fraction, "ingest.test_fraction": test_fraction, "ingest.seed": seed,
         "ingest.workers": workers,
     })

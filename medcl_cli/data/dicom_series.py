@@ -70,9 +70,11 @@ def _describe_split(keys: list[tuple[object, ...]], key: tuple[object, ...]) -> 
     parts = []
     for i, name in enumerate(names):
         if len({k[i] for k in keys}) > 1:
-            value = key[i] if name != "type" else "/".join(str(v) for v in key[i])  # type: ignore[union-attr]
+            value: object = key[i]
+            if name == "type" and isinstance(key[i], tuple):
+                value = "/".join(str(v) for v in key[i])  # type: ignore[attr-defined]
             if name == "orientation":
-                value = "iop" + str(sorted({k[0] for k in keys}, key=str).index(key[0]))  # type: ignore[arg-type]
+                value = "iop" + str(sorted({str(k[0]) for k in keys}).index(str(key[0])))
             parts.append(f"{name}={value}")
     return ",".join(dict.fromkeys(parts))
 

@@ -240,6 +240,7 @@ def write_volume(image: sitk.Image, path: Path) -> Path:
     import os
     import tempfile
 
+    gz_compress: Any
     try:
         from isal.igzip import compress as gz_compress
 

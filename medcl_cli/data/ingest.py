@@ -19,7 +19,7 @@ from typing import Any
 
 from medcl_cli import __version__
 from medcl_cli.config import IngestConfig
-from medcl_cli.data.dicom import ReportRow, ingest_dicom
+from medcl_cli.data.dicom import DicomCase, Frame, ReportRow, ingest_dicom
 from medcl_cli.data.dicom_scan import walk_inputs
 from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION, write_json_atomic, write_rows_atomic
 from medcl_cli.data.ingest_nifti import ingest_nifti
@@ -157,7 +157,9 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
                 taken.add(cid)
                 return cid
 
-    dicom_cases, drows, frames = ([], [], [])
+    dicom_cases: list[DicomCase] = []
+    drows: list[ReportRow] = []
+    frames: list[Frame] = []
     if walked.dicom:
         dicom_cases, drows, frames = ingest_dicom(walked.dicom, req.cfg, tuple(keywords), req.label_series, work,
                                                   new_case_id, display, redact, rep)

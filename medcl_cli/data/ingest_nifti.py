@@ -117,16 +117,17 @@ def ingest_nifti(
     if not jobs:
         return cases, rows
     rep.start("converting volumes", len(jobs))
-    args = [[j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs], [workdir] * len(jobs)]
+    paths, labs, ids = [j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs]
+    dirs = [workdir] * len(jobs)
     if workers > 1 and len(jobs) > 2:
         from concurrent.futures import ProcessPoolExecutor
 
         from medcl_cli.data.dicom_scan import _context
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
-            results = list(_advancing(pool.map(convert_volume, *args, chunksize=4), rep))
+            results = list(_advancing(pool.map(convert_volume, paths, labs, ids, dirs, chunksize=4), rep))
     else:
-        results = list(_advancing(map(convert_volume, *args), rep))
+        results = list(_advancing(map(convert_volume, paths, labs, ids, dirs), rep))
     for (row, _, _, case_id), (status, reason, case) in zip(jobs, results):
         row.status, row.reason = status, reason
         if case is None:

@@ -52,7 +52,7 @@ def _nonfinite(path: Path) -> int:
     import nibabel as nib
 
     try:
-        arr = np.asarray(nib.load(str(path)).dataobj)
+        arr = np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - not a NIfTI nibabel reads: fall back to SimpleITK
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     return int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
@@ -107,7 +107,7 @@ def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> Vali
             n = 0 if rows is None else len(rows)
             if n != size[2]:
                 add(Problem(cid, "meta", f"meta.csv has {n} row(s) for this case, the image has {size[2]} slices"))
-            elif sorted(rows["slice"].astype(int)) != list(range(size[2])):
+            elif rows is not None and sorted(rows["slice"].astype(int)) != list(range(size[2])):
                 add(Problem(cid, "meta", "meta.csv slices are not 0..size_z-1"))
         label = str(row["label"])
         if label:
