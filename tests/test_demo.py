@@ -118,6 +118,13 @@ def test_demo_small_end_to_end(tmp_path: Path, capsys) -> None:
     listed = json.loads(capsys.readouterr().out)
     assert sorted(r["method"] for r in listed) == ["gcl", "supervised"]
     assert medcl("demo", "--out", str(out), "--small") == 6
+    # the DICOM headers carry PHI-shaped values; nothing medcl wrote outside the inputs may hold them
+    for p in out.rglob("*"):
+        if p.is_file() and p.parts[len(out.parts)] not in ("dicom", "new_scans") and p.suffix in (
+            ".csv", ".json", ".jsonl", ".yaml", ".txt"
+        ):
+            text = p.read_text(encoding="utf-8")
+            assert not any(v in text for v in PHI_VALUES[:4]), f"PHI in {p.relative_to(out)}"
     assert seconds < 120
 
 
