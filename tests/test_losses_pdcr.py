@@ -140,7 +140,8 @@ def test_grid_positions_bounded_regular_and_away_from_the_border():
     assert yx.min().item() >= 3 and yx.max().item() <= 28
     ys = yx[:, 0].unique()
     assert ys.numel() == 8 and (ys.diff() - ys.diff()[0]).abs().max().item() <= 1  # evenly strided
-    for shape, n, border in [((16, 16), 50, 2), ((9, 40), 20, 1), ((100, 1), 4, 0), ((6, 6, 6), 27, 1), ((3, 3), 99, 9)]:
+    cases = [((16, 16), 50, 2), ((9, 40), 20, 1), ((100, 1), 4, 0), ((6, 6, 6), 27, 1), ((3, 3), 99, 9)]
+    for shape, n, border in cases:
         got = grid_positions(shape, n, border)
         assert 1 <= got.numel() <= n and got.unique().numel() == got.numel()
         assert got.max().item() < math.prod(shape)

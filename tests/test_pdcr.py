@@ -115,16 +115,18 @@ def test_receptive_fields_match_a_gradient_probe():
     torch.manual_seed(0)
     net = UNet(2, 1, 2, channels=(2, 3, 3, 3)).double().eval()
     net.pool = nn.AvgPool2d(2)  # same field as max-pool, but the gradient reaches every pixel of it
-    size = 160
-    x = torch.randn(1, 1, size, size, dtype=torch.float64, requires_grad=True)
-    out = net(x)
+    size = 128
+    x = torch.randn(1, 1, size, size, dtype=torch.float64).expand(4, -1, -1, -1).clone().requires_grad_(True)
+    out = net(x)  # eval mode: the 4 copies are independent, copy k probes position centre + k
     feats = {f"enc{i}": f for i, f in enumerate(out.enc)} | {f"dec{j}": f for j, f in enumerate(out.dec)}
     expected = unet_receptive_fields(4)
-    for name, f in feats.items():
+    for name, f in feats.items():  # decoder fields alternate with the position: check their mean
+        c = f.shape[2] // 2
+        probe = sum(f[k, :, c + k, c + k].sum() for k in range(4))
+        (grad,) = torch.autograd.grad(probe, x, retain_graph=True)
         extents = []
-        for c in range(f.shape[2] // 2, f.shape[2] // 2 + 4):  # decoder fields alternate with the position
-            (grad,) = torch.autograd.grad(f[0, :, c, c].sum(), x, retain_graph=True)
-            rows = grad[0, 0].abs().sum(1).nonzero().flatten()
+        for k in range(4):
+            rows = grad[k, 0].abs().sum(1).nonzero().flatten()
             extents.append(rows.max().item() - rows.min().item() + 1)
         assert sum(extents) / 4 == expected[name], (name, extents)
         if name.startswith("enc"):
@@ -149,8 +151,37 @@ def test_template_turns_uafs_on_and_pretrain_is_refused():
     cfg = C.from_dict(yaml.safe_load(text))
     assert cfg.method == "pdcr" and cfg.pdcr == C.PDCRConfig()
     net = build_unet(cfg.model, 4)
-    assert sorted(net.uafs) == ["dec0", "dec1", "dec2", "dec3"]
+    assert sorted(net.uafs) == ["dec0", "dec1", "dec2"]
     assert get_info("pdcr", "finetune").stages == ("finetune",)
     with pytest.raises(UsageError) as exc:
         get_info("pdcr", "pretrain")
     assert "fine-tuning" in exc.value.message and "medcl finetune --method pdcr" in exc.value.hint
+
+
+def test_cli_refuses_pdcr_pretraining_and_names_the_finetune_command(tiny_dataset, tmp_path, capsys):
+    from medcl_cli.cli.app import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--method", "pdcr", "--data", str(tiny_dataset), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "fine-tuning" in err and "medcl finetune --method pdcr" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_finetune_pdcr_writes_a_run(tiny_dataset, tmp_path):
+    import importlib.resources as R
+    import subprocess
+    import sys
+
+    tpl = str(R.files("medcl_cli.templates").joinpath("pdcr.yaml"))
+    out = tmp_path / "run"
+    args = ["finetune", "--method", "pdcr", "--config", tpl, "--data", str(tiny_dataset), "--labeled", "2",
+            "--out", str(out), "--steps", "2", "--batch-size", "4", "--image-size", "32", "--device", "cpu",
+            "--set", "model.channels=[4,8,16,32,64]", "--set", "train.val_every=0"]
+    res = subprocess.run([sys.executable, "-m", "medcl_cli", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "checkpoints" / "last.pt").is_file()
+    assert "pdcr_enc" in (out / "metrics.csv").read_text()

@@ -301,7 +301,9 @@ def local_supcon_blocks(
 # ==== PDCR (Liu/Li et al., TMI 2022) ===============================================================
 
 
-def foreground_ratios(label: torch.Tensor, centres: torch.Tensor, sizes: torch.Tensor, num_classes: int) -> torch.Tensor:
+def foreground_ratios(
+    label: torch.Tensor, centres: torch.Tensor, sizes: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Foreground composition of square/cubic patches of the mask around given centres (PDCR's descriptor).
 
     label: long B x *S (class per pixel; negative = ignore, counted as background); centres: long N x D

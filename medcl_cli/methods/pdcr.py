@@ -108,9 +108,9 @@ class PDCR(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------
 
-    def _grid(self, name: str, fshape: torch.Size, ishape: torch.Size, n: int, device: torch.device) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor
-    ]:
+    def _grid(
+        self, name: str, fshape: torch.Size, ishape: torch.Size, n: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat indices N, input centres N x D, patch sides P x N) of a stage; cached per shape."""
         key = (name, tuple(fshape), tuple(ishape), n, str(device))
         if key not in self._grids:
@@ -121,14 +121,16 @@ class PDCR(nn.Module):
             else:
                 sides = list(self.cfg.patch_sizes)
                 border = max(self.cfg.border, math.ceil((max(sides) // 2) / min(scale)))
-            idx = grid_positions(fshape, n, border, device=device)
+            idx = grid_positions(fshape, n, border)  # built once on the CPU (float64 is not on every device)
             coords = torch.stack(torch.unravel_index(idx, tuple(fshape)), dim=-1)
-            centres = ((coords.double() + 0.5) * torch.tensor(scale, dtype=torch.float64, device=device)).long()
-            size = torch.tensor(sides, device=device)[:, None].expand(-1, idx.numel())
-            self._grids[key] = (idx, centres, size)
+            centres = ((coords.double() + 0.5) * torch.tensor(scale, dtype=torch.float64)).long()
+            size = torch.tensor(sides)[:, None].expand(-1, idx.numel())
+            self._grids[key] = (idx.to(device), centres.to(device), size.to(device))
         return self._grids[key]
 
-    def _sample(self, name: str, feat: torch.Tensor, label: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(
+        self, name: str, feat: torch.Tensor, label: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled vectors B x N x C and their foreground ratios B x P x N x (K-1) (P = 1 when averaged)."""
         idx, centres, sides = self._grid(name, feat.shape[2:], label.shape[1:], n, feat.device)
         vectors = feat.flatten(2)[:, :, idx].transpose(1, 2)
@@ -139,7 +141,9 @@ class PDCR(nn.Module):
 
     # ---- losses ---------------------------------------------------------------------------------
 
-    def _layer_term(self, names: tuple[str, ...], feats: dict[str, torch.Tensor], label: torch.Tensor, n: int) -> torch.Tensor:
+    def _layer_term(
+        self, names: tuple[str, ...], feats: dict[str, torch.Tensor], label: torch.Tensor, n: int
+    ) -> torch.Tensor:
         terms = []
         for name in names:  # a handful of configured stages, each fully vectorised
             v, rho = self._sample(name, feats[name], label, n)

@@ -42,7 +42,7 @@ class UAFS(nn.Module):
         if kernel < 1 or kernel % 2 == 0:
             raise UsageError(f"UAFS: kernel must be a positive odd size, found {kernel}", "paper: 3")
         if channels < 1 or hidden < 1:
-            raise UsageError(f"UAFS: channels and hidden must be positive, found {channels}, {hidden}", "check model.channels")
+            raise UsageError(f"UAFS: channels and hidden must be positive, found {channels}, {hidden}", "check widths")
         conv = _CONV[spatial_dims]
         self.m = int(m)
         self.branch = nn.Sequential(
@@ -59,7 +59,7 @@ class UAFS(nn.Module):
         log_a = torch.log_softmax(logits, dim=1)
         u = -(log_a.exp() * log_a).sum(dim=1, keepdim=True) / math.log(self.m)
         u = u.clamp(0.0, 1.0).to(x.dtype)
-        return x + x * (1.0 - u), u
+        return x * (2.0 - u), u  # = x + x * (1 - U), one broadcast multiply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, u = self.forward_with_uncertainty(x)
