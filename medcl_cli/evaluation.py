@@ -20,7 +20,7 @@ from medcl_cli import metrics
 from medcl_cli.data.folder import SPLITS, DatasetFolder, write_csv_atomic, write_json_atomic
 from medcl_cli.data.io import grid_difference, read_image, same_grid
 from medcl_cli.errors import InputNotFoundError, InvalidDataError, OutputError, UsageError
-from medcl_cli.inference import LoadedModel, predict_image, volume_array
+from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, volume_array
 from medcl_cli.report import NullReporter, Reporter
 
 TASK = "evaluate"
@@ -91,7 +91,7 @@ def evaluate_dataset(
     out: Path,
     overlays: bool = False,
     overwrite: bool = False,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     reporter: Reporter | None = None,
 ) -> EvalResult:
     """Score every labelled case of `split`; write the CSVs, summary.json and (optionally) overlays."""

@@ -21,11 +21,14 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from medcl_cli.config import DataConfig, InferenceConfig
 from medcl_cli.data.preprocess import image_slices, logits_to_volume
 from medcl_cli.engine.device import autocast, resolve_precision
 from medcl_cli.errors import InvalidDataError
 
-DEFAULT_PREPROCESSING = {"image_size": 128, "resize": "resize", "normalize": "zscore"}
+DEFAULT_BATCH = InferenceConfig().batch_size  # slices per forward pass
+# what a checkpoint without a `preprocessing` entry was trained with: the DataConfig defaults
+DEFAULT_PREPROCESSING = {"image_size": DataConfig().image_size, "resize": DataConfig().resize, "normalize": DataConfig().normalize}
 
 
 @dataclass
@@ -124,7 +127,7 @@ def predict_array(
     volume_zyx: np.ndarray,
     preprocessing: dict[str, Any],
     device: torch.device,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     num_classes: int | None = None,
 ) -> np.ndarray:
     """Class ids (uint8, or uint16 beyond 255 classes) of a (z, y, x) volume, on that same array grid."""
@@ -155,7 +158,7 @@ def volume_array(image: sitk.Image) -> np.ndarray:
     return arr[None] if dim == 2 else arr
 
 
-def predict_image(model: LoadedModel, image: sitk.Image, batch_size: int = 16) -> sitk.Image:
+def predict_image(model: LoadedModel, image: sitk.Image, batch_size: int = DEFAULT_BATCH) -> sitk.Image:
     """The label image of `image`, on its exact grid (size, spacing, origin, direction copied)."""
     arr = volume_array(image)
     labels = predict_array(model.net, arr, model.preprocessing, model.device, batch_size, model.num_classes)

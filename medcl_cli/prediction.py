@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from medcl_cli import __version__
 from medcl_cli.data.io import geometry, is_volume_file, read_image, strip_suffix, write_image
 from medcl_cli.errors import InputNotFoundError, MedclError, OutputError, UsageError
-from medcl_cli.inference import LoadedModel, predict_image, sha256_files
+from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, sha256_files
 from medcl_cli.report import NullReporter, Reporter
 
 FORMATS = ("nifti", "dicom-seg")
@@ -145,7 +145,7 @@ def predict_all(
     out: Path,
     overwrite: bool = False,
     fmt: str = "nifti",
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     allow_phi: bool = False,
     reporter: Reporter | None = None,
 ) -> PredictResult:

@@ -23,7 +23,7 @@ def evaluate(
         bool, typer.Option("--overlays", help="Also write one PNG per case (image, reference, prediction).")
     ] = False,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (default 16).")
+        Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (inference.batch_size, default 16).")
     ] = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -38,6 +38,7 @@ def evaluate(
     Example: medcl evaluate runs/ft --data data/ --split val --overlays
     """
     from medcl_cli.cli.console import ConsoleReporter
+    from medcl_cli.config import InferenceConfig
     from medcl_cli.data.folder import open_dataset
     from medcl_cli.engine.device import describe, resolve_device
     from medcl_cli.evaluation import evaluate_dataset, summary_table
@@ -50,8 +51,8 @@ def evaluate(
     run_folder = run if run.is_dir() else model.checkpoint.parent.parent
     out_dir = out or (run_folder / f"eval_{split}")
     res = evaluate_dataset(
-        model, ds, split, out_dir, overlays=overlays, overwrite=overwrite, batch_size=batch_size or 16,
-        reporter=ConsoleReporter(),
+        model, ds, split, out_dir, overlays=overlays, overwrite=overwrite,
+        batch_size=batch_size or InferenceConfig().batch_size, reporter=ConsoleReporter(),
     )
     if as_json:
         console.result(json.dumps(res.summary_json, indent=2))

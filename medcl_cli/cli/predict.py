@@ -23,7 +23,7 @@ def predict(
         str, typer.Option("--format", help="nifti, or dicom-seg (DICOM inputs; needs medcl[dicom-seg]).")
     ] = "nifti",
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (default 16).")
+        Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (inference.batch_size, default 16).")
     ] = None,
     allow_phi: Annotated[
         bool, typer.Option("--allow-phi", help="Copy patient/study attributes into DICOM SEG outputs.")
@@ -42,6 +42,7 @@ def predict(
     Example: medcl predict runs/ft scans/ --out preds/
     """
     from medcl_cli.cli.console import ConsoleReporter
+    from medcl_cli.config import InferenceConfig
     from medcl_cli.engine.device import describe, resolve_device
     from medcl_cli.errors import PartialSuccess
     from medcl_cli.inference import load_model
@@ -55,8 +56,8 @@ def predict(
         ensure_found(found, failed, list(inputs))
         console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
         res = predict_all(
-            model, found, out, overwrite=overwrite, fmt=fmt, batch_size=batch_size or 16, allow_phi=allow_phi,
-            reporter=reporter,
+            model, found, out, overwrite=overwrite, fmt=fmt, batch_size=batch_size or InferenceConfig().batch_size,
+            allow_phi=allow_phi, reporter=reporter,
         )
     res.failed = failed + res.failed
     if as_json:
