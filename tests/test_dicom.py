@@ -215,3 +215,15 @@ def test_files_without_preamble_read_with_force_and_marked(tmp_path):
     assert res.cases == 1
     assert "read with force" in report[report["status"] == "ok"].iloc[0]["reason"]
     np.testing.assert_array_equal(array(tmp_path, "case_0001"), data)
+
+
+def test_copies_of_the_same_instances_are_not_a_4d_series(tmp_path):
+    data = g.volume(4)
+    paths = g.write_series(tmp_path / "in" / "a", data)
+    (tmp_path / "in" / "b").mkdir()
+    for p in paths:  # the same files exported twice into another folder
+        shutil.copy(p, tmp_path / "in" / "b" / p.name)
+    res, cases, report, _ = run(tmp_path, [tmp_path / "in"])
+    assert res.cases == 1 and cases.loc[0, "size_z"] == 4
+    assert "4 copy(ies)" in report[report["status"] == "ok"].iloc[0]["reason"]
+    np.testing.assert_array_equal(array(tmp_path, "case_0001"), data)

@@ -98,9 +98,16 @@ def _new_plan(frames: list[Frame], role: str, sub: str) -> SeriesPlan:
 def plan_series(frames: list[Frame], cfg: IngestConfig, label_regex: str | None = None) -> list[SeriesPlan]:
     """Every image frame grouped into SeriesPlans (status ok, ignored:* or failed:*)."""
     by_series: dict[tuple[str, str], list[Frame]] = defaultdict(list)
-    for f in frames:
-        if f.kind == "image":
-            by_series[(f.study, f.series)].append(f)
+    seen: set[tuple[str, int]] = set()
+    copies: dict[tuple[str, str], int] = defaultdict(int)
+    for f in sorted(frames, key=lambda f: (f.source.label(), f.index)):
+        if f.kind != "image":
+            continue
+        if f.sop_uid and (f.sop_uid, f.index) in seen:  # the same instance exported twice
+            copies[(f.study, f.series)] += 1
+            continue
+        seen.add((f.sop_uid, f.index))
+        by_series[(f.study, f.series)].append(f)
     pattern = re.compile(label_regex) if label_regex else None
     plans: list[SeriesPlan] = []
     for (_, _), members in by_series.items():
@@ -111,7 +118,11 @@ def plan_series(frames: list[Frame], cfg: IngestConfig, label_regex: str | None 
         keys = list(groups)
         for key in sorted(keys, key=str):
             sub = _describe_split(keys, key) if len(keys) > 1 else ""
-            plans.extend(_plan_group(groups[key], cfg, role, sub))
+            for plan in _plan_group(groups[key], cfg, role, sub):
+                n_copies = copies.get((plan.study, plan.series), 0)
+                if n_copies:
+                    plan.flags.append(f"{n_copies} copy(ies) of already seen SOP instances ignored")
+                plans.append(plan)
     plans.sort(key=SeriesPlan.sort_key)
     return plans
 
