@@ -184,8 +184,8 @@ class ARCO(nn.Module):
                 self.local_queue.push(t_loc[keep])
         s_glob = F.normalize(self.predictors["glob"](self.heads["glob"](out.enc[-1])), dim=1)
         s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)
-        l_glob = relational_kl(s_glob, t_glob, self.global_queue.data, c.tau_s, c.tau_t)
-        l_loc = relational_kl(s_loc, t_loc, self.local_queue.data, c.tau_s, c.tau_t)
+        l_glob = relational_kl(s_glob, t_glob, self.global_queue.valid(), c.tau_s, c.tau_t)
+        l_loc = relational_kl(s_loc, t_loc, self.local_queue.valid(), c.tau_s, c.tau_t)
         self._pending = {"glob": t_glob, "loc": t_loc[keep]}
         loss = sup + c.global_weight * l_glob + c.local_weight * l_loc
         return {"loss": loss, "sup": sup.detach(), "global": l_glob.detach(), "local": l_loc.detach()}
@@ -269,9 +269,9 @@ class ARCO(nn.Module):
         if ub.numel():
             s_img = F.normalize(s_nn.reshape(ub.numel(), -1), dim=1)
             t_img = F.normalize(t_nn.reshape(ub.numel(), -1), dim=1)
-            bank = self.nn_bank.valid()
-            if bank.shape[0] > 0:
-                nn_loss = nearest_neighbour_loss(s_img, t_img, bank, c.nn_topk, c.nn_student_grad)
+            if int(self.nn_bank.filled) == 0:  # first step: start from real embeddings (code: random ones)
+                self.nn_bank.push(t_img)
+            nn_loss = nearest_neighbour_loss(s_img, t_img, self.nn_bank.valid(), c.nn_topk, c.nn_student_grad)
             self._pending["nn"] = t_img
         return contrast, nn_loss
 
