@@ -105,7 +105,7 @@ def load_network(run_dir_or_file: str | Path, device: str | torch.device = "cpu"
         if num_classes < 1:
             num_classes = int(ckpt["model"]["head.weight"].shape[0])
         net = build_unet(cfg.model, num_classes)
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt.get("eval_model") or ckpt["model"])  # the network validation used
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise InvalidDataError(
             f"checkpoint {path} does not match the network it describes: {str(exc).splitlines()[0][:200]}",
