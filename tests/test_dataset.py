@@ -93,7 +93,10 @@ def test_sampler_deterministic_resumable_and_sharded(tiny_dataset):
     shards = [list(make_sampler(s, {"unlabeled"}, 8, 0.5, 3, r, 2, 0, 5)) for r in range(2)]
     single = list(make_sampler(s, {"unlabeled"}, 8, 0.5, 3, 0, 1, 0, 5))
     for t in range(5):
-        assert np.array_equal(np.concatenate([shards[0][t], shards[1][t]]), single[t])
+        assert np.array_equal(shards[0][t], single[t][0::2]) and np.array_equal(shards[1][t], single[t][1::2])
+    # a labelled/unlabelled mix is shared evenly: each rank gets labelled and unlabelled slices
+    mix = [make_sampler(s, {"labeled", "unlabeled"}, 8, 0.5, 3, r, 2, 0, 1).local_batch(0) for r in range(2)]
+    assert all(s.labeled[m].sum() == 2 for m in mix)
     # one epoch of a pool visits each slice once
     sup = make_sampler(s, {"labeled"}, 4, 0.5, 0, 0, 1, 0, 100)
     n = int(s.labeled[s.split_mask("train")].sum())

@@ -6,8 +6,8 @@ Every view k of a base slice is `warp(base, theta_k)`: `theta_k` (B x 2 x 3) is 
 resolution) is put on view b's grid by `align(x, theta_a, theta_b) = warp(x, theta_a^-1 theta_b)`.
 Pixels of b that fall outside a are zero (features) or -1 (labels); `overlap_mask` marks the valid ones.
 
-Random parameters are drawn for the whole global batch from one generator and sliced per DDP rank
-(`offset`), so a multi-process run sees exactly the augmentations of a single-process run.
+Random parameters are drawn for the whole global batch from one generator and each DDP rank takes its
+rows of that draw (`rows`), so a multi-process run sees exactly the augmentations of a single-process run.
 """
 
 from __future__ import annotations
@@ -110,15 +110,17 @@ def intensity(x: torch.Tensor, cfg: Any, params: torch.Tensor, noise: torch.Tens
 
 
 def make_views(
-    batch: dict[str, Any], n_views: int, cfg: Any, generator: torch.Generator, offset: int = 0, total: int | None = None
+    batch: dict[str, Any], n_views: int, cfg: Any, generator: torch.Generator, rows: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> dict[str, Any]:
     """The batch plus `image{k}`, `label{k}`, `theta{k}` per view (k = "" for view 1, "2" for view 2).
 
-    `generator` is a CPU generator; parameters are drawn for `total` samples (the global batch) and rows
-    [offset, offset + B) are used, so DDP ranks reproduce a single-process run."""
+    `generator` is a CPU generator; parameters are drawn for `total` samples (the global batch) and the
+    batch's `rows` of that draw are used (default all), so DDP ranks reproduce a single-process run."""
     base, label = batch["image"], batch["label"]
     b, dev = base.shape[0], base.device
     total = total or b
+    rows = torch.arange(b) if rows is None else rows.cpu()
     out = dict(batch)
     for v in range(n_views):
         key = "" if v == 0 else str(v + 1)
@@ -127,10 +129,10 @@ def make_views(
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         dgen = torch.Generator(device=dev).manual_seed(seed)
         noise_all = torch.randn((total, *base.shape[1:]), generator=dgen, device=dev, dtype=base.dtype)
-        theta = theta_all[offset : offset + b].to(dev)
-        params = params_all[offset : offset + b].to(dev)
+        theta = theta_all[rows].to(dev)
+        params = params_all[rows].to(dev)
         img = warp(base, theta, mode="bilinear", padding="border")
-        out[f"image{key}"] = intensity(img, cfg, params, noise_all[offset : offset + b])
+        out[f"image{key}"] = intensity(img, cfg, params, noise_all[rows.to(dev)])
         out[f"label{key}"] = warp_labels(label, theta)
         out[f"theta{key}"] = theta
     return out

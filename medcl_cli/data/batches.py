@@ -113,9 +113,13 @@ class StepSampler:
                 out.append(self._perm(i, int(e))[within[epoch == e]])
         return np.concatenate(out)
 
+    def local_rows(self) -> np.ndarray:
+        """Positions of this rank's samples in the global batch: strided, so every rank gets its share of
+        each pool (labelled and unlabelled) instead of one rank taking all the labelled slices."""
+        return np.arange(self.rank, self.batch, self.world)
+
     def local_batch(self, step: int) -> np.ndarray:
-        b = self.batch // self.world
-        return self.global_batch(step)[self.rank * b : (self.rank + 1) * b]
+        return self.global_batch(step)[self.local_rows()]
 
     def __len__(self) -> int:
         return max(self.end - self.start, 0)

@@ -161,7 +161,7 @@ def _fit(
         f"{req.stage} {cfg.method}: {tcfg.steps} steps, batch {tcfg.batch_size}, "
         f"{len(patients)} labelled patient(s), {int(slices.split_mask('train').sum())} training slices"
     )
-    local_b = tcfg.batch_size // env.world
+    local_rows = torch.from_numpy(sampler.local_rows())
     timers = {"data": 0.0, "step": 0.0, "val": 0.0}
     last: dict[str, float] = {}
     step = start
@@ -172,7 +172,7 @@ def _fit(
     for t, batch in zip(range(start, tcfg.steps), loader):
         batch = _to_device(batch, device)
         gen = torch.Generator().manual_seed(int(tcfg.seed) * 1_000_003 + t)
-        batch = make_views(batch, n_views, cfg.augment, gen, offset=env.rank * local_b, total=tcfg.batch_size)
+        batch = make_views(batch, n_views, cfg.augment, gen, rows=local_rows, total=tcfg.batch_size)
         if device.type == "cuda":
             for k in [k for k in batch if k.startswith("image")]:
                 batch[k] = batch[k].contiguous(memory_format=torch.channels_last)
