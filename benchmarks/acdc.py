@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ def bench_method(method: str, counts: list[int], a: argparse.Namespace, data: Pa
     for s in a.set or []:
         common += ["--set", s]
     root = a.out / method
-    uses_masks = "labelled" in info.needs
+    uses_masks = re.search(r"(?<!un)labell?ed", info.needs) is not None  # "unlabelled" alone: self-supervised
     shared_pre: dict[str, Any] | None = None
     if "pretrain" in info.stages and not uses_masks:
         shared_pre = run_stage(["pretrain", "--data", str(data), "--method", method, "--out", str(root / "pretrain"),

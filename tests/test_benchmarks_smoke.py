@@ -44,6 +44,7 @@ def test_acdc_runner_smoke(shared_data, tmp_path):
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {"supervised", "simclr"} and not results["failed"]
     assert rows["simclr"]["pretrain"]["seconds"] > 0 and "pretrain" not in rows["supervised"]
+    assert rows["simclr"]["pretrain"].get("shared")  # self-supervised: one pretraining for all label counts
     for r in rows.values():
         assert 0 <= r["val"]["dice_mean"] <= 1 and r["val"]["n_cases"] == 1
         assert r["other"]["n_cases"] == 3 and r["finetune"]["peak_mb"] > 50
