@@ -131,7 +131,6 @@ def test_demo_small_end_to_end(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_demo_full_size_within_budget(tmp_path: Path, capsys) -> None:
     """The README's main job: default size, at most 3 minutes on 2 cores, and a network that learned."""
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
     assert medcl("demo", "--out", str(tmp_path / "demo")) == 0
     seconds = time.perf_counter() - t0

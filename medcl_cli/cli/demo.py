@@ -37,10 +37,17 @@ def _run(args: list[str], step: int, total: int) -> float:
     flags = ["-q"] if level == 0 else (["-v"] if level >= 2 else [])
     t0 = time.perf_counter()
     with _argv(args):
-        code = app(args=[*flags, *args], prog_name="medcl", standalone_mode=False)
+        try:
+            code = app(args=[*flags, *args], prog_name="medcl", standalone_mode=False)
+        except typer.Abort:  # click's form of Ctrl-C outside standalone mode: report it as an interrupt
+            raise KeyboardInterrupt from None
     console.VERBOSITY.level = level
+    if code == 130:  # typer turns Ctrl-C into Exit(130), returned (not raised) outside standalone mode
+        raise KeyboardInterrupt
     if isinstance(code, int) and code != 0:
-        raise MedclError(f"demo step {step} (medcl {args[0]}) exited with code {code}", "see the messages above")
+        err = MedclError(f"demo step {step} (medcl {args[0]}) exited with code {code}", "see the messages above")
+        err.exit_code = code
+        raise err
     return time.perf_counter() - t0
 
 

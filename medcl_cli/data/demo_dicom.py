@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from medcl_cli.data.synthetic import LABELS, PHASES, synth_volume
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 UID_ROOT = "1.2.826.0.1.3680043.10.1024."  # a private-use prefix for generated demo UIDs
 TRIGGER_MS = {"ED": 0.0, "ES": 310.0}
 MASK_DESCRIPTION = "Mask"  # the --label-series pattern the demo passes to ingest
@@ -60,9 +60,9 @@ class DemoDicom:
         return self.root / patient_id
 
 
-def _uid(seed: int, *parts: object) -> str:
+def _uid(seed: int, *parts: object) -> UID:
     digest = hashlib.sha256(("|".join(map(str, (seed, *parts)))).encode()).hexdigest()
-    return UID_ROOT + str(int(digest[:24], 16))[:30]
+    return UID(UID_ROOT + str(int(digest[:24], 16))[:30])
 
 
 def _orientation(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
