@@ -56,12 +56,15 @@ def _volume_input(path: Path) -> PredictInput:
 
 
 def collect_inputs(
-    paths: list[Path], workdir: Path, reporter: Reporter | None = None
+    paths: list[Path], workdir: Path, reporter: Reporter | None = None, exclude: Path | None = None
 ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
     """Every volume under `paths` (files, folders of volumes, DICOM folders) and the inputs that failed.
 
     DICOM series are converted into `workdir` (a temporary folder the caller removes after predicting).
+    Volumes under `exclude` (the output folder, when it lies inside an input folder) are not inputs, so
+    a re-run never segments its own masks.
     """
+    skip = exclude.resolve() if exclude is not None else None
     rep = reporter or NullReporter()
     found: list[PredictInput] = []
     failed: list[tuple[str, str]] = []
@@ -75,7 +78,11 @@ def collect_inputs(
             else:
                 dicom_roots.append(p)
         else:
-            vols = sorted(q for q in p.rglob("*") if is_volume_file(q) and not q.name.startswith(".tmp-"))
+            vols = sorted(
+                q for q in p.rglob("*")
+                if is_volume_file(q) and not q.name.startswith(".tmp-")
+                and not (skip is not None and q.resolve().is_relative_to(skip))
+            )
             found.extend(_volume_input(q) for q in vols)
             if not vols or _has_other_files(p):
                 dicom_roots.append(p)

@@ -68,6 +68,12 @@ def test_predict_files_and_folders_resume_and_overwrite(run, tmp_path, capsys):
                                 "--overwrite", "--json")
     assert code == 0 and json.loads(stdout)["written"] == ["scan0"]
     assert not list(out.glob(".tmp-*"))
+    # an output folder inside the input folder: its masks are never taken as new inputs
+    inner = tmp_path / "in" / "preds"
+    for rnd in range(2):
+        code, stdout, _ = V.run_cli(capsys, "predict", str(run), str(tmp_path / "in"), "--out", str(inner), "--json")
+        res = json.loads(stdout)
+        assert code == 0 and len(res["written"]) + len(res["skipped"]) == 3 and len(res["skipped"]) == 3 * rnd
 
 
 def test_partial_failure_and_nothing_found(run, tmp_path, capsys):

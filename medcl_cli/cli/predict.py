@@ -52,7 +52,7 @@ def predict(
     dev = resolve_device(device or "auto")
     model = load_model(run, dev)  # first: a wrong run folder fails before any DICOM is converted
     with tempfile.TemporaryDirectory(prefix="medcl-predict-") as work:
-        found, failed = collect_inputs(list(inputs), Path(work), reporter)
+        found, failed = collect_inputs(list(inputs), Path(work), reporter, exclude=out)
         ensure_found(found, failed, list(inputs))
         console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
         res = predict_all(
