@@ -154,6 +154,7 @@ class GCLConfig:
     surgery_on: str = "features"  # features (cheap: surgery on dL/d bottleneck) | parameters (exact, M backwards)
     surgery_scope: str = "sample"  # features only: PCGrad per sample | over the whole batch
     topk: int = 16  # Gradient Filter: pixels per slice kept for the pixel-wise loss (paper: unverified)
+    pixel_positives: str = "position"  # position (same label and base-grid position) | image (same label)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medcl_cli import config as C
-from medcl_cli.data.augment import make_views
+from medcl_cli.data.augment import make_views, warp
 from medcl_cli.engine.protocol import DataSpec
 from medcl_cli.errors import EXIT_INVALID, InvalidDataError, UsageError
 from medcl_cli.methods.gcl import GCL, check_meta_labels, slice_parts
@@ -86,25 +86,28 @@ def test_construction_validates_config_and_data():
         _method(combiner="average")
     with pytest.raises(UsageError):
         _method(surgery_on="weights")
+    with pytest.raises(UsageError):
+        _method(pixel_positives="anywhere")
 
 
 def test_pixel_pairs_correspond_across_views_through_the_tracked_transform():
     m = _method()
     b, d, h, w = 3, 5, 8, 8
-    emb1 = torch.randn(b, d, h, w)
+    base = torch.randn(b, d, h, w)
+    base_score = torch.rand(b, 1, h, w)
     theta1 = torch.eye(2, 3).repeat(b, 1, 1)
-    theta2 = theta1.clone()
-    theta2[:, 0, 0] = -1.0  # view 2 is view 1 mirrored: pixel (y, x) of view 1 is (y, w-1-x) of view 2
-    emb2 = emb1.flip(-1)
-    score = torch.rand(2 * b, h, w)
-    p1, p2, keep = m.pixel_pairs(torch.cat([emb1, emb2]), score, theta1, theta2)
+    theta1[:, 0, 0] = -1.0  # view 1: the base slice mirrored
+    theta2 = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]).repeat(b, 1, 1)  # view 2: rotated 90 degrees
+    views = torch.cat([warp(base, theta1), warp(base, theta2)])
+    scores = torch.cat([warp(base_score, theta1), warp(base_score, theta2)])[:, 0]
+    assert not torch.allclose(views[:b], views[b:])
+    p1, p2, keep, idx = m.pixel_pairs(views, scores, theta1, theta2)
     assert p1.shape == (b, 8, d) and keep.all()
-    assert torch.allclose(p1, p2, atol=1e-5)
-    # the chosen positions are the top-8 of score1 + aligned score2
-    combined = score[:b] + score[b:].flip(-1)
-    want = combined.flatten(1).topk(8, dim=1).indices
-    e = torch.nn.functional.normalize(emb1, dim=1).flatten(2)
-    assert torch.allclose(p1, e.gather(2, want[:, None].expand(b, d, 8)).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(p1, p2, atol=1e-5)  # the same anatomy in both views
+    # positions are the top-8 of the score on the base grid, and the embeddings are the base's there
+    assert torch.equal(idx, base_score.flatten(1).topk(8, dim=1).indices)
+    e = torch.nn.functional.normalize(base, dim=1).flatten(2)
+    assert torch.allclose(p1, e.gather(2, idx[:, None].expand(b, d, 8)).transpose(1, 2), atol=1e-5)
 
 
 def test_filter_scores_rank_pixels_unlike_the_constant_gradient_norm():
@@ -148,7 +151,7 @@ def test_mitigator_with_sum_equals_the_plain_backward(surgery_on):
         if name.startswith("net.decoder") or name.startswith("net.head"):
             assert got[name] is None, name  # pretraining never touches the decoder
         else:
-            assert torch.allclose(got[name], g, atol=1e-5), name
+            assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-5), name
 
 
 @pytest.mark.parametrize("surgery_on", ["features", "parameters"])

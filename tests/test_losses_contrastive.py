@@ -132,3 +132,30 @@ def test_pixel_supcon_matches_loop_over_pixels_and_views():
                     keys.append(bool(valid[i, j]))
         want = ref_supcon(torch.stack(rows), torch.tensor(labs), 0.2, key_mask=torch.tensor(keys))
         assert torch.allclose(got[m], want, atol=1e-10)
+
+
+def test_pixel_supcon_with_positions_pairs_only_same_label_and_same_position():
+    b, k, d = 4, 3, 6
+    g = torch.Generator().manual_seed(11)
+    p1 = F.normalize(torch.randn(b, k, d, generator=g, dtype=torch.float64), dim=-1)
+    p2 = F.normalize(torch.randn(b, k, d, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([[0, 0, 1, 0], [1, -1, 1, 2]])
+    positions = torch.tensor([[5, 2, 9], [2, 5, 7], [5, 9, 2], [9, 5, 1]])
+    valid = torch.tensor([[True, True, True], [True, False, True], [True, True, True], [True, True, False]])
+    got = pixel_supcon(p1, p2, labels, 0.3, valid=valid, positions=positions)
+    rows = [(v, i, j) for v in range(2) for i in range(b) for j in range(k)]
+    z = torch.stack([(p1, p2)[v][i, j] for v, i, j in rows])
+    keys = [bool(valid[i, j]) for _, i, j in rows]
+    for m in range(2):
+        losses = []
+        for a, (va, ia, ja) in enumerate(rows):
+            if not keys[a] or int(labels[m, ia]) < 0:
+                continue
+            others = [c for c in range(len(rows)) if c != a and keys[c]]
+            pos = [c for c in others if int(labels[m, rows[c][1]]) == int(labels[m, ia])
+                   and int(positions[rows[c][1], rows[c][2]]) == int(positions[ia, ja])]
+            if not pos:
+                continue
+            den = sum(torch.exp(z[a] @ z[c] / 0.3) for c in others)
+            losses.append(-sum(torch.log(torch.exp(z[a] @ z[c] / 0.3) / den) for c in pos) / len(pos))
+        assert torch.allclose(got[m], torch.stack(losses).mean(), atol=1e-10)

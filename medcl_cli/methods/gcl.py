@@ -8,11 +8,13 @@ One shared encoder (the U-Net's, the decoder is not used), two views of every sl
 - image-wise branch: bottleneck -> GAP -> `GlobalHead` -> one multi-positive SupCon loss per meta label
   (positives: the slices with the same value of that label, including the slice's other view);
 - pixel-wise branch: bottleneck -> `DenseHead`, K pixels per slice picked by the Gradient Filter, one
-  SupCon loss per meta label over those pixels in both views (a pixel inherits its slice's label [infer]);
+  SupCon loss per meta label over those pixels in both views; a pixel pair is positive when the slices
+  share the label and the pixels the base-grid position (`gcl.pixel_positives: position`) [infer];
 - Gradient Filter [infer]: a pixel's score is |sum_c dL_img/dF * F| at that pixel (the first-order change
   of the image-wise loss when the pixel's feature vector is removed); the plain channel norm of dL_img/dF is
-  constant over pixels because the image branch pools globally, so it cannot rank them. Scores of view 2
-  are aligned to view 1 with the tracked transforms; the top-k positions valid in both views are kept;
+  constant over pixels because the image branch pools globally, so it cannot rank them. Both views'
+  scores are warped back to the base slice with the tracked transforms; the top-k positions valid in
+  both views are kept;
 - Gradient Mitigator [infer: PCGrad]: per meta label m the task loss is w_img L_img_m + w_pix L_pix_m;
   the M task gradients are combined by `gcl.combiner` either on the bottleneck features (`surgery_on:
   features`, default: M cheap backward passes through the heads, one through the encoder) or on the
@@ -102,6 +104,9 @@ class GCL(nn.Module):
             raise UsageError(f"gcl.surgery_on must be features or parameters, found '{g.surgery_on}'")
         if g.surgery_scope not in ("sample", "batch"):
             raise UsageError(f"gcl.surgery_scope must be sample or batch, found '{g.surgery_scope}'")
+        if g.pixel_positives not in ("position", "image"):
+            raise UsageError(f"gcl.pixel_positives must be position or image, found '{g.pixel_positives}'")
+        self.pixel_positives = str(g.pixel_positives)
         if self.topk < 1:
             raise UsageError(f"gcl.topk must be >= 1, found {self.topk}")
         self.surgery_on = str(g.surgery_on)
@@ -131,26 +136,27 @@ class GCL(nn.Module):
 
     def pixel_pairs(
         self, emb: torch.Tensor, score: torch.Tensor, theta1: torch.Tensor, theta2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K corresponding pixels per slice in both views: (p1, p2) B x K x D normalised, keep B x K.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K pixels per slice on the base-slice grid, seen in both views: (p1, p2) B x K x D normalised,
+        keep B x K (False = padding pick), idx B x K (flattened base-grid positions).
 
-        Positions are chosen on view 1's grid; view 2's embeddings, scores and coverage are aligned to
-        view 1 with the tracked affine transforms (bilinear), so p1[b, k] and p2[b, k] see the same
-        anatomy. Positions outside either view's image are never picked while enough valid ones exist.
+        Both views' embeddings and scores are warped back onto the base slice's grid with the tracked
+        affines (bilinear), so p1[b, k] and p2[b, k] see the same anatomy and idx is comparable across
+        slices. Positions outside either view are never picked while enough valid ones exist.
         """
         b = emb.shape[0] // 2
-        e1, e2 = emb[:b], emb[b:]
         size = (int(score.shape[-2]), int(score.shape[-1]))
-        e2a = align(e2, theta2, theta1)
-        s2a = align(score[b:, None], theta2, theta1)[:, 0]
-        inside_base = overlap_mask(identity(b, theta1.device), theta1, size)  # not border padding
-        valid = overlap_mask(theta2, theta1, size) & inside_base
-        idx, keep = topk_saliency(score[:b] + s2a, self.topk, valid)
+        base = identity(b, theta1.device)
+        e1 = align(emb[:b], theta1, base)
+        e2 = align(emb[b:], theta2, base)
+        s = align(score[:b, None], theta1, base)[:, 0] + align(score[b:, None], theta2, base)[:, 0]
+        valid = overlap_mask(theta1, base, size) & overlap_mask(theta2, base, size)
+        idx, keep = topk_saliency(s, self.topk, valid)
         d = emb.shape[1]
         flat_idx = idx[:, None, :].expand(b, d, idx.shape[1])
         p1 = e1.flatten(2).gather(2, flat_idx).transpose(1, 2)
-        p2 = e2a.flatten(2).gather(2, flat_idx).transpose(1, 2)
-        return F.normalize(p1, dim=-1), F.normalize(p2, dim=-1), keep
+        p2 = e2.flatten(2).gather(2, flat_idx).transpose(1, 2)
+        return F.normalize(p1, dim=-1), F.normalize(p2, dim=-1), keep, idx
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = torch.cat([batch["image"], batch["image2"]])
@@ -162,9 +168,10 @@ class GCL(nn.Module):
         lab_all = _gather_rows(codes.t().repeat_interleave(2, dim=0)).t()  # rows: (slice, view) pairs
         img = supcon(z_all, lab_all, self.tau)  # M
         score = self.filter_scores((self.w_img * img).sum(), feat)
-        p1, p2, keep = self.pixel_pairs(self.pixel_head(feat), score, batch["theta"], batch["theta2"])
+        p1, p2, keep, idx = self.pixel_pairs(self.pixel_head(feat), score, batch["theta"], batch["theta2"])
+        positions = _gather_rows(idx) if self.pixel_positives == "position" else None
         pix = pixel_supcon(_gather_rows(p1), _gather_rows(p2), _gather_rows(codes.t()).t(), self.pixel_tau,
-                           valid=_gather_rows(keep))
+                           valid=_gather_rows(keep), positions=positions)
         out: dict[str, torch.Tensor] = {}
         for m, name in enumerate(self.meta_labels):
             out[f"img_{name}"] = img[m]

@@ -93,18 +93,27 @@ def pixel_supcon(
     labels: torch.Tensor,
     tau: float = 0.07,
     valid: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SupCon over K selected pixels per image, seen in two views (GCL's pixel-wise contrast).
 
     p1, p2: B x K x D, L2-normalised embeddings of the same K pixel positions of image b in view 1 and
     view 2 (position correspondence is the caller's job). labels: B or M x B image-level codes (meta
-    labels): a pixel inherits its image's label, so positives are the pixel's other view plus every
-    selected pixel (either view) of the images that share the label. valid: B x K bool; False rows are
-    padding (a chosen position outside one view) and take no part. Returns a scalar or an M vector.
+    labels, -1 = missing) that every selected pixel of the image inherits. positions: B x K long position
+    codes in a frame shared by all images (e.g. flattened indices on the base-slice grid), or None.
+    With positions, a pixel pair is positive when the images share the label AND the pixels sit at the
+    same position (pixel pairs between two images with the same meta label); the pixel's own other view
+    is always one. Without positions, every selected pixel of an image with the same label is positive.
+    valid: B x K bool; False entries are padding (a position outside a view) and take no part.
+    Returns a scalar or an M vector.
     """
     b, k, d = p1.shape
     z = torch.cat([p1.reshape(b * k, d), p2.reshape(b * k, d)], dim=0)
     lab = labels.repeat_interleave(k, dim=-1)
+    if positions is not None:
+        pos = positions.reshape(b * k).long()
+        n_pos = int(pos.max().item()) + 1 if pos.numel() else 1
+        lab = torch.where(lab >= 0, lab * n_pos + pos, torch.full_like(lab, -1))
     lab = torch.cat([lab, lab], dim=-1)
     keys = None
     if valid is not None:
