@@ -8,7 +8,7 @@
   exporter writes it beside dataset.json and the command says where to copy it.
 - `monai`: a Medical Segmentation Decathlon style datalist (`datalist.json` with training / validation /
   test lists, paths relative to the JSON) plus `images/` and `labels/`, readable by
-  `monai.data.load_decathlon_datalist`.
+  `monai.data.load_decathlon_datalist` (export_monai.py; this module holds the shared file handling).
 
 Files are hard-linked when the output is on the same file system (no extra space) and copied otherwise;
 the dataset folder is only read. Unlabelled train/val cases have no place in either layout's training
@@ -89,7 +89,7 @@ def _label_map(ds: DatasetFolder) -> dict[int, str]:
     return labels
 
 
-def _place(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
+def place_file(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
     """Hard-link `src` to `dst` (copy when asked or across file systems); never touches `src`."""
     if not src.is_file():
         raise InvalidDataError(f"file listed in cases.csv is missing: {src}", "re-run medcl ingest")
@@ -105,7 +105,7 @@ def _place(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
     result.copied += 1
 
 
-def _prepare_target(target: Path, overwrite: bool) -> Path:
+def prepare_target(target: Path, overwrite: bool) -> Path:
     """A fresh hidden temporary folder beside `target`; refuses an existing target without overwrite."""
     if target.exists() and not overwrite:
         raise OutputError(f"output exists: {target}", "pass --overwrite to replace it, or choose another --out")
@@ -113,7 +113,7 @@ def _prepare_target(target: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
 
 
-def _commit(tmp: Path, target: Path) -> None:
+def commit_target(tmp: Path, target: Path) -> None:
     """Replace `target` by the finished temporary folder (old copy removed only after success)."""
     if target.exists():
         old = target.with_name(f".old-{target.name}-{os.getpid()}")
@@ -124,7 +124,7 @@ def _commit(tmp: Path, target: Path) -> None:
         tmp.rename(target)
 
 
-def _groups(ds: DatasetFolder) -> dict[str, pd.DataFrame]:
+def case_groups(ds: DatasetFolder) -> dict[str, pd.DataFrame]:
     """Cases sorted into labelled train, labelled val, test, and unlabelled train/val."""
     c = ds.cases
     has_label = c["label"].astype(str).str.len() > 0
@@ -162,6 +162,8 @@ def export_nnunet(
     labels = _label_map(ds)
     folder = nnunet_folder_name(dataset_id, name or str(ds.info.get("name") or ds.root.name))
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file", "give the nnUNet_raw folder (created when missing)")
     clash = [p.name for p in out_dir.glob(f"Dataset{dataset_id:03d}_*") if p.name != folder] if out_dir.is_dir() else []
     if clash:
         raise OutputError(
@@ -169,25 +171,25 @@ def export_nnunet(
             "nnU-Net refuses ambiguous ids; pass another --dataset-id",
         )
     target = out_dir / folder
-    groups = _groups(ds)
+    groups = case_groups(ds)
     if groups["train"].empty and groups["val"].empty:
         raise InvalidDataError(
             f"{ds.root} has no labelled train/val case; an nnU-Net dataset needs at least one",
             "add masks at ingest (labels/), or export --format monai for unlabelled data",
         )
     result = ExportResult(format="nnunet", path=target, skipped_unlabeled=list(groups["unlabeled"]["case_id"]))
-    tmp = _prepare_target(target, overwrite)
+    tmp = prepare_target(target, overwrite)
     try:
         training = pd.concat([groups["train"], groups["val"]])
         rep.start("export", len(training) + len(groups["test"]))
         for row in training.itertuples():
-            _place(ds.root / row.image, tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
-            _place(ds.root / row.label, tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
+            place_file(ds.root / row.image, tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
+            place_file(ds.root / row.label, tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")
         for row in groups["test"].itertuples():
-            _place(ds.root / row.image, tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
+            place_file(ds.root / row.image, tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
             if isinstance(row.label, str) and row.label:
-                _place(ds.root / row.label, tmp / "labelsTs" / f"{row.case_id}{ending}", result, copy)
+                place_file(ds.root / row.label, tmp / "labelsTs" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")
         rep.finish("export")
         modality = str(ds.info.get("modality") or "").upper()
@@ -202,7 +204,7 @@ def export_nnunet(
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
         splits = [{"train": list(groups["train"]["case_id"]), "val": list(groups["val"]["case_id"])}]
         (tmp / "splits_final.json").write_text(json.dumps(splits, indent=2) + "\n", encoding="utf-8")
-        _commit(tmp, target)
+        commit_target(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,68 +223,6 @@ def export_nnunet(
     return result
 
 
-def export_monai(
-    dataset: str | Path,
-    out: str | Path,
-    overwrite: bool = False,
-    copy: bool = False,
-    reporter: Reporter | None = None,
-) -> ExportResult:
-    """Write `OUT/datalist.json` (decathlon datalist) with `OUT/images/` and `OUT/labels/`."""
-    rep = reporter or NullReporter()
-    ds = open_dataset(dataset)
-    labels = ds.labels
-    target = Path(out)
-    if target.exists() and not any(target.iterdir()):
-        target.rmdir()  # an empty folder is not worth refusing
-    groups = _groups(ds)
-    result = ExportResult(format="monai", path=target, datalist=target / "datalist.json")
-    tmp = _prepare_target(target, overwrite)
-    try:
-        lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": [], "unlabeled": []}
-        keys = {"train": "training", "val": "validation", "test": "test", "unlabeled": "unlabeled"}
-        rep.start("export", len(ds.cases))
-        for group, key in keys.items():
-            for row in groups[group].itertuples():
-                img_name = Path(str(row.image)).name
-                _place(ds.root / row.image, tmp / "images" / img_name, result, copy)
-                item = {"image": f"images/{img_name}"}
-                if isinstance(row.label, str) and row.label:
-                    lab_name = Path(row.label).name
-                    _place(ds.root / row.label, tmp / "labels" / lab_name, result, copy)
-                    item["label"] = f"labels/{lab_name}"
-                item["case_id"] = str(row.case_id)
-                lists[key].append(item)
-                rep.advance("export")
-        rep.finish("export")
-        modality = str(ds.info.get("modality") or "image")
-        datalist: dict[str, object] = {
-            "name": str(ds.info.get("name") or ds.root.name),
-            "description": f"exported by medcl from {ds.root.name} (fingerprint {ds.fingerprint()})",
-            "tensorImageSize": "3D",
-            "modality": {"0": modality},
-            "labels": {str(k): v for k, v in sorted(labels.items())},
-            "numTraining": len(lists["training"]),
-            "numTest": len(lists["test"]),
-            "training": lists["training"],
-            "validation": lists["validation"],
-        }
-        # monai reads `test` as a list of dicts; an empty list would break load_decathlon_datalist("test")
-        for key in ("test", "unlabeled"):
-            if lists[key]:
-                datalist[key] = lists[key]
-        (tmp / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n", encoding="utf-8")
-        _commit(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    result.counts = {k: len(v) for k, v in lists.items()}
-    result.next_steps = [
-        f'python -c "from monai.data import load_decathlon_datalist as L; print(len(L(\'{result.datalist}\')))"',
-    ]
-    return result
-
-
 def export_dataset(
     dataset: str | Path,
     fmt: str,
@@ -297,6 +237,8 @@ def export_dataset(
     if fmt == "nnunet":
         return export_nnunet(dataset, out, dataset_id, name, overwrite, copy, reporter)
     if fmt == "monai":
+        from medcl_cli.export_monai import export_monai
+
         return export_monai(dataset, out, overwrite, copy, reporter)
     from medcl_cli.errors import unknown_choice
 
