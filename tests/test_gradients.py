@@ -154,7 +154,8 @@ def test_parameter_surgery_combines_flattened_parameter_gradients():
     model = _Toy()
     _, losses = model.losses(x)
     enc = list(model.enc.parameters())
-    flat = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, enc, retain_graph=True)]) for loss in losses])
+    per_task = [torch.autograd.grad(loss, enc, retain_graph=True) for loss in losses]
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in per_task])
     want = pcgrad(flat[:, None, :], torch.Generator().manual_seed(8))[0]
     assert (flat @ flat.t()).min() < 0  # the toy tasks do conflict
     backward_on_parameters(losses, model.shared(), model.heads(), pcgrad, torch.Generator().manual_seed(8))

@@ -77,11 +77,6 @@ def slice_parts(position: torch.Tensor, partitions: int) -> torch.Tensor:
     return (position.float() * partitions).long().clamp(0, partitions - 1)
 
 
-def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor over DDP ranks along dim 0 (gradients flow back to this rank's rows)."""
-    return gather_with_grad(x)
-
-
 class GCL(nn.Module):
     """Image-wise + pixel-wise meta-label contrast with Gradient Filter and Gradient Mitigator."""
 
@@ -164,14 +159,15 @@ class GCL(nn.Module):
         feat = self.net.encode(x)[-1]  # 2B x C x h x w, the shared features
         codes = self.meta_codes(batch)  # M x B
         z = F.normalize(self.image_head(feat), dim=1)
-        z_all = _gather_rows(z.reshape(2, b, -1).transpose(0, 1).reshape(2 * b, -1))
-        lab_all = _gather_rows(codes.t().repeat_interleave(2, dim=0)).t()  # rows: (slice, view) pairs
+        z_all = gather_with_grad(z.reshape(2, b, -1).transpose(0, 1).reshape(2 * b, -1))
+        lab_all = gather_with_grad(codes.t().repeat_interleave(2, dim=0)).t()  # rows: (slice, view) pairs
         img = supcon(z_all, lab_all, self.tau)  # M
         score = self.filter_scores((self.w_img * img).sum(), feat)
         p1, p2, keep, idx = self.pixel_pairs(self.pixel_head(feat), score, batch["theta"], batch["theta2"])
-        positions = _gather_rows(idx) if self.pixel_positives == "position" else None
-        pix = pixel_supcon(_gather_rows(p1), _gather_rows(p2), _gather_rows(codes.t()).t(), self.pixel_tau,
-                           valid=_gather_rows(keep), positions=positions)
+        positions = gather_with_grad(idx) if self.pixel_positives == "position" else None
+        valid = gather_with_grad(keep.to(torch.uint8)).bool()  # bool collectives are not portable
+        pix_codes = gather_with_grad(codes.t()).t()
+        pix = pixel_supcon(gather_with_grad(p1), gather_with_grad(p2), pix_codes, self.pixel_tau, valid, positions)
         out: dict[str, torch.Tensor] = {}
         for m, name in enumerate(self.meta_labels):
             out[f"img_{name}"] = img[m]
