@@ -14,6 +14,7 @@ are medians over `--repeats`; the table shows the overhead of predict over the b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -64,7 +65,7 @@ def child(mode: str, run: Path, files: list[Path], repeats: int, batch_size: int
                             model.net(x[s : s + batch_size].to(dev))
                 else:
                     item = PredictInput(name=f.name.split(".")[0], kind="volume", files=[f],
-                                        load=lambda f=f: read_image(f), display=f.name)
+                                        load=functools.partial(read_image, f), display=f.name)
                     res = predict_all(model, [item], Path(tmp), overwrite=True, batch_size=batch_size)
                     if res.failed:
                         raise RuntimeError(f"{f}: {res.failed[0][1]}")

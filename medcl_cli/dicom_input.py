@@ -8,6 +8,7 @@ patient name or path component ever reaches an output name. Mask/SEG series are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def dicom_inputs(
                 name=name,
                 kind="dicom",
                 files=_source_paths(plan.files),
-                load=lambda p=path: read_image(p),
+                load=functools.partial(read_image, path),
                 display=name,
                 info={"series_flags": flags, "modality": plan.modality},
             )
