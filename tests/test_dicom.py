@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from medcl_cli.config import IngestConfig
 from medcl_cli.data.ingest import IngestRequest, ingest
-from tests import dicomgen as g
+import dicomgen as g
 
 CFG = IngestConfig(workers=1)
 

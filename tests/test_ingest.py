@@ -15,8 +15,8 @@ import pytest
 
 from medcl_cli.config import IngestConfig
 from medcl_cli.data.ingest import IngestRequest, ingest
-from tests import dicomgen as g
-from tests.test_ingest_phi import cli
+import dicomgen as g
+from test_ingest_phi import cli
 
 DCM2NIIX = shutil.which("dcm2niix") or str(Path(os.sys.executable).parent / "dcm2niix")
 

@@ -9,7 +9,7 @@ import pytest
 from medcl_cli.cli.app import main
 from medcl_cli.data.meta import age_years, normalised_columns, resolve_keywords
 from medcl_cli.errors import UsageError
-from tests import dicomgen as g
+import dicomgen as g
 
 MARK = "ZQXMARK"
 BIRTH = "19010203"

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from medcl_cli.config import IngestConfig
 from medcl_cli.data.ingest import IngestRequest, ingest
 from medcl_cli.data.validate import validate_dataset
-from tests.test_ingest_phi import cli
+from test_ingest_phi import cli
 
 
 def _dataset(tmp):
