@@ -128,3 +128,25 @@ def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys):
         src_uid = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         assert src_uid in refs
     assert arr.any()
+
+
+def test_missing_highdicom_and_broken_dicom(run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from medcl_cli.dicom_seg import require_highdicom
+    from medcl_cli.errors import UsageError
+
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "highdicom", None)  # as if not installed
+        with pytest.raises(UsageError) as exc:
+            require_highdicom()
+        assert "pip install 'medcl[dicom-seg]'" in exc.value.hint
+    img, _ = V.blob_volume((30, 28, 4), seed=90)
+    files = V.write_dicom_series(V.oblique_image(img, sitk.sitkInt16), tmp_path / "dcm" / "good")
+    bad = tmp_path / "dcm" / "bad" / "IM0000.dcm"
+    bad.parent.mkdir()
+    bad.write_bytes(files[0].read_bytes()[:-300])  # truncated pixel data
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "dcm"), "--out", str(tmp_path / "o"))
+    assert code == 5, err
+    assert "1 written" in stdout and "truncated" in err
+    assert len(list((tmp_path / "o").glob("series_*.nii.gz"))) == 1
