@@ -261,3 +261,19 @@ def test_labels_folder_inside_the_input_is_not_ingested_as_images(tmp_path):
     assert sorted(cases["case_id"]) == ["a", "b"]
     info = __import__("json").loads((tmp_path / "ds" / "dataset.json").read_text())
     assert info["labels"] == {"0": "background", "2": "class_2"}
+
+
+def test_pydicom_multiframe_folder_equal_to_dcm2niix(shared_data, tmp_path):
+    """Enhanced CT (2 frames) and two single-slice files (kept with keep_localizers) equal dcm2niix's volumes;
+    emri_small.dcm has no orientation at all: reported, not guessed."""
+    src = shared_data("pydicom_data_multiframe")
+    refs = dcm2niix_volumes(src, tmp_path / "d2n")
+    res = ingest(IngestRequest([src], tmp_path / "ds", cfg=IngestConfig(keep_localizers=True, workers=1)))
+    cases = pd.read_csv(tmp_path / "ds" / "cases.csv", keep_default_na=False)
+    assert sorted(cases["size_z"].tolist()) == [1, 1, 2]
+    for _, row in cases.iterrows():
+        vol, aff = ours(tmp_path / "ds" / row["image"])
+        hits = match(vol, aff, refs)
+        assert len(hits) == 1 and hits[0][1] < 1e-3, (row["case_id"], hits)
+    report = pd.read_csv(tmp_path / "ds" / "ingest_report.csv", keep_default_na=False)
+    assert (report["status"] == "failed:no-geometry").sum() == 1 and res.partial
