@@ -183,11 +183,11 @@ def export_nnunet(
         training = pd.concat([groups["train"], groups["val"]])
         rep.start("export", len(training) + len(groups["test"]))
         for row in training.itertuples():
-            place_file(ds.root / row.image, tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
-            place_file(ds.root / row.label, tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
+            place_file(ds.root / str(row.image), tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
+            place_file(ds.root / str(row.label), tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")
         for row in groups["test"].itertuples():
-            place_file(ds.root / row.image, tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
+            place_file(ds.root / str(row.image), tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
             if isinstance(row.label, str) and row.label:
                 place_file(ds.root / row.label, tmp / "labelsTs" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")

@@ -45,7 +45,7 @@ def export_monai(
         for group, key in keys.items():
             for row in groups[group].itertuples():
                 img_name = Path(str(row.image)).name
-                place_file(ds.root / row.image, tmp / "images" / img_name, result, copy)
+                place_file(ds.root / str(row.image), tmp / "images" / img_name, result, copy)
                 item = {"image": f"images/{img_name}"}
                 if isinstance(row.label, str) and row.label:
                     lab_name = Path(row.label).name
