@@ -22,7 +22,7 @@ from medcl_cli.data.demo_dicom import write_demo_dicom
 from medcl_cli.data.folder import open_dataset
 from medcl_cli.demo import SIZES, ingest_command
 
-PHI_VALUES = ("Demo^Patient", "DEMO00", "Demo General Hospital", "Doe^Jane", "ACC")
+PHI_VALUES = ("Demo^Patient", "DEMO00", "Demo General Hospital", "Doe^Jane")
 
 
 def medcl(*args: str) -> int:
@@ -84,17 +84,16 @@ def test_demo_dicom_headers_geometry_and_meta_signal(tmp_path: Path) -> None:
     assert np.array_equal(lab, mask.image)
     assert {"TriggerTime", "PatientAge_years", "SliceLocation"} <= set(data.meta.columns)
     assert data.meta["TriggerTime"].nunique() == 2
+    phi = (*PHI_VALUES, str(ds.AccessionNumber), str(ds.PatientBirthDate), str(ds.StudyInstanceUID))
     for p in data.root.rglob("*"):
         if p.is_file() and p.suffix in (".csv", ".json"):
             text = p.read_text()
-            assert not any(v in text for v in PHI_VALUES), f"PHI in {p.name}"
+            assert not any(v in text for v in phi), f"PHI in {p.name}"
 
 
 def test_demo_small_end_to_end(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
-    t0 = time.perf_counter()
     assert medcl("demo", "--out", str(out), "--small") == 0
-    seconds = time.perf_counter() - t0
     cap = capsys.readouterr()
     printed = [ln.split("$ medcl ", 1)[1] for ln in cap.out.splitlines() if "$ medcl " in ln]
     assert [shlex.split(p)[0] for p in printed] == ["ingest", "pretrain", "finetune", "evaluate", "predict"]
@@ -124,8 +123,7 @@ def test_demo_small_end_to_end(tmp_path: Path, capsys) -> None:
             ".csv", ".json", ".jsonl", ".yaml", ".txt"
         ):
             text = p.read_text(encoding="utf-8")
-            assert not any(v in text for v in PHI_VALUES[:4]), f"PHI in {p.relative_to(out)}"
-    assert seconds < 120
+            assert not any(v in text for v in PHI_VALUES), f"PHI in {p.relative_to(out)}"
 
 
 @pytest.mark.slow
