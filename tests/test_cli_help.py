@@ -56,3 +56,23 @@ def test_stale_page_is_detected(tmp_path: Path) -> None:
     page.write_text(page.read_text().replace("--dataset-id", "--dataset-number"))
     (tmp_path / "gone.md").write_text("# an old command\n")
     assert gen.stale_pages(tmp_path) == ["export.md", "gone.md"]
+
+
+def test_info_shows_each_method_with_its_stages_data_and_template() -> None:
+    import json
+
+    from medcl_cli.methods import REGISTRY
+
+    res = CliRunner().invoke(app, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert set(data["methods"]) == set(REGISTRY)
+    for key, m in data["methods"].items():
+        assert m["stages"] == list(REGISTRY[key].stages) and m["needs"] == REGISTRY[key].needs
+        assert [u.split()[1] for u in m["usage"]] == m["stages"]
+        if m["template"] is not None:
+            assert Path(m["template"]).is_file() and Path(m["template"]).stem == key
+    for name, t in data["template_details"].items():
+        assert Path(t["path"]).is_file() and t["description"]
+    text = CliRunner().invoke(app, ["info"]).stdout
+    assert "medcl pretrain --method gcl" in text and "templates (copy one" in text
