@@ -70,7 +70,9 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {out}: {exc.strerror}", "choose a writable --out") from None
 
 
-def evaluate_case(model: LoadedModel, image: sitk.Image, label: sitk.Image, case_id: str, batch_size: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray, np.ndarray]:
+def evaluate_case(
+    model: LoadedModel, image: sitk.Image, label: sitk.Image, case_id: str, batch_size: int
+) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray, np.ndarray]:
     """Metric rows of one case, plus the image, reference and prediction arrays (z, y, x)."""
     if not same_grid(image, label, tol=1e-3):
         raise InvalidDataError(
@@ -79,7 +81,9 @@ def evaluate_case(model: LoadedModel, image: sitk.Image, label: sitk.Image, case
         )
     pred_img = predict_image(model, image, batch_size)
     pred, ref = volume_array(pred_img), volume_array(label).astype(np.int64)
-    spacing = tuple(reversed(image.GetSpacing())) if image.GetDimension() == 3 else (1.0, *reversed(image.GetSpacing()))
+    spacing = tuple(reversed(image.GetSpacing()))
+    if image.GetDimension() == 2:  # one slice: the z spacing does not enter any 2D distance
+        spacing = (1.0, *spacing)
     rows = metrics.case_metrics(case_id, pred, ref, spacing, model.label_map)
     return rows, volume_array(image), ref, pred
 

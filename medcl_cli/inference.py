@@ -28,7 +28,8 @@ from medcl_cli.errors import InvalidDataError
 
 DEFAULT_BATCH = InferenceConfig().batch_size  # slices per forward pass
 # what a checkpoint without a `preprocessing` entry was trained with: the DataConfig defaults
-DEFAULT_PREPROCESSING = {"image_size": DataConfig().image_size, "resize": DataConfig().resize, "normalize": DataConfig().normalize}
+_DATA = DataConfig()
+DEFAULT_PREPROCESSING = {"image_size": _DATA.image_size, "resize": _DATA.resize, "normalize": _DATA.normalize}
 
 
 @dataclass
@@ -59,7 +60,10 @@ def normalize_label_map(raw: Any) -> dict[int, str]:
 
 def _run_id(run: Path, ckpt_path: Path) -> str:
     """The run's id from run.json when present, else the run folder's name."""
-    folder = run if run.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    if run.is_dir():
+        folder = run
+    else:
+        folder = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     meta = folder / "run.json"
     if meta.is_file():
         try:
