@@ -90,6 +90,25 @@ def test_sampled_vectors_and_ratios_are_the_ones_at_the_mapped_centres():
                                                   batch["label"], 64), torch.stack(manual).mean())
 
 
+def test_only_labelled_slices_enter_the_loss():
+    method = _method()
+    batch = _batch(b=3)
+    part = dict(batch, labeled=torch.tensor([True, False, True]))
+    part["label"] = batch["label"].clone()
+    part["label"][1] = -1  # an unlabelled slice carries no mask
+    torch.manual_seed(1)
+    got = method.training_step(part)
+    keep = [0, 2]
+    only = {"image": batch["image"][keep], "label": batch["label"][keep], "labeled": torch.ones(2, dtype=torch.bool)}
+    torch.manual_seed(1)
+    ref = method.training_step(only)
+    torch.testing.assert_close(got["loss"], ref["loss"])
+    none = method.training_step(dict(part, labeled=torch.zeros(3, dtype=torch.bool)))
+    assert none["loss"].item() == 0.0
+    none["loss"].backward()
+    assert all(p.grad is not None for p in method.parameters())
+
+
 def test_sample_counts_are_bounded():
     method = _method(_cfg(enc_samples=9, dec_samples=4, cross_samples=5))
     label = torch.zeros(1, 64, 64, dtype=torch.long)

@@ -86,12 +86,13 @@ class PDCR(nn.Module):
                 f"pdcr.patch_sizes must be positive odd sides, found {list(c.patch_sizes)}",
                 "paper: --set pdcr.patch_sizes=[5,7,9]",
             )
-        if min(c.enc_samples, c.dec_samples, c.cross_samples) < 1 or c.temperature <= 0 or c.border < 0:
+        counts = (c.enc_samples, c.dec_samples, c.cross_samples, c.cross_channels)
+        if min(counts) < 1 or c.temperature <= 0 or c.border < 0:
             raise UsageError(
-                "pdcr.*_samples must be >= 1, pdcr.temperature > 0 and pdcr.border >= 0",
+                "pdcr.*_samples and pdcr.cross_channels must be >= 1, pdcr.temperature > 0, pdcr.border >= 0",
                 "paper values: enc_samples 64, dec_samples 32, cross_samples 32, temperature 0.5",
             )
-        if len(c.cross_stages) == 1:
+        if len(dict.fromkeys(c.cross_stages)) == 1:
             raise UsageError(
                 f"pdcr.cross_stages needs two or more stages, found {list(c.cross_stages)}",
                 "e.g. --set pdcr.cross_stages=[enc2,enc3], or [] to switch the cross-layer term off",
@@ -166,7 +167,10 @@ class PDCR(nn.Module):
         image, label = batch["image"], batch["label"]
         labeled = batch.get("labeled")
         if labeled is not None and not bool(labeled.all()):
-            image, label = image[labeled], label[labeled]
+            if not bool(labeled.any()):  # nothing to learn from: a zero loss that still reaches every parameter
+                zero = torch.stack([p.sum() for p in self.parameters()]).sum() * 0.0
+                return {"loss": zero}
+            image, label = image[labeled], label[labeled]  # an unlabelled mask would read as all background
         out = self.net(image)
         dice, ce = dice_ce_parts(out.logits, label)
         loss = self.seg_cfg.dice_weight * dice + self.seg_cfg.ce_weight * ce
