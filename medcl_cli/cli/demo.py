@@ -72,7 +72,7 @@ def demo(
 
     size = D.demo_size(small, steps)
     t0 = time.perf_counter()
-    console.info(f"writing the demo DICOM export to {out / 'dicom'}")
+    console.info(f"demo folder: {out} (DICOM export, dataset, runs, predictions)")
     dicom, new = D.prepare(out, size, overwrite=overwrite, seed=seed)
     n_files = sum(s.n_slices for s in dicom.series)
     console.result(
