@@ -113,6 +113,7 @@ class InferenceConfig:
     """How `evaluate` and `predict` run the network over a volume (slices of one volume per batch)."""
 
     batch_size: int = 16  # slices per forward pass; memory ~ batch x classes x Y x X floats after resampling
+    nsd_tolerance_mm: float = 1.0  # evaluate: surface distance counted as agreement by NSD (Nikolov et al. 2021)
 
 
 # --------------------------------------------------------------------------------------------------

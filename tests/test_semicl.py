@@ -190,3 +190,25 @@ def test_two_stages_in_one_fit_resume_exactly_and_feed_finetune(tiny_dataset, tm
     fit(FitRequest(cfg=cfg, stage="finetune", data=tiny_dataset, out=ft, labeled="2",
                    init_from=full / "checkpoints" / "last.pt"), rep)
     assert any("init from" in line and "loaded" in line for _, line in rep.lines)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_smoke(shared_data, tmp_path):
+    """benchmarks/semicl_memory.py end to end on real ACDC slices at a tiny size."""
+    import importlib.util
+    import json
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "semicl_memory.py"
+    spec = importlib.util.spec_from_file_location("semicl_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    acdc = shared_data("acdc")
+    code = bench.main(["--data", str(acdc), "--sizes", "32", "--batch", "4", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert {r["config"] for r in res["rows"]} == {"supervised", "semicl stride", "semicl block"}
+    assert all(r["step_s"] > 0 and r["peak_mb"] >= 0 for r in res["rows"])
+    assert {(r["mode"], r["bounded"]) for r in res["loss_only"]} == {
+        ("stride", True), ("stride", False), ("block", True), ("block", False)}

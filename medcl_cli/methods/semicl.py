@@ -10,7 +10,7 @@ Segmentation", MICCAI 2021, arXiv 2109.07407 (docs/methods.md section 2). Two st
   (`dec[-1]`) through a 1x1-conv dense head, on the labelled slices of each batch only: anchors are the
   non-background pixels, positives every pixel of the same class in both views and all images, the
   background only a negative. The pairs are bounded by `semicl.mode`: `stride` keeps every s-th pixel
-  (one pool), `block` compares pixels only inside the same s x s block (all-background blocks skipped).
+  (one pool), `block` compares pixels only inside the same b x b block (all-background blocks skipped).
   The dense head runs on the kept pixels only (a 1x1 conv commutes with picking pixels).
 
 The stage is a function of the step: `switch = round(global_fraction * train.steps)` when both stages
@@ -173,11 +173,10 @@ class SemiCL(nn.Module):
     def trained_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
         """The parameters `stage` (default: the current one) trains; every other one is frozen."""
         stage = stage or self.stage
-        net = [p for n, p in self.net.named_parameters() if not n.startswith("head.")]
-        if stage == "global":
-            net = [p for n, p in self.net.named_parameters() if not n.startswith(("head.", "decoder.", "uafs.dec"))]
-            return net + list(self.global_head.parameters())
-        return net + list(self.dense_head.parameters())
+        skip = ("head.", "decoder.", "uafs.dec") if stage == "global" else ("head.",)
+        net = [p for n, p in self.net.named_parameters() if not n.startswith(skip)]
+        head = self.global_head if stage == "global" else self.dense_head
+        return net + list(head.parameters())
 
     def _enter(self, stage: str) -> None:
         if self._active == stage:
