@@ -71,7 +71,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def evaluate_case(
-    model: LoadedModel, image: sitk.Image, label: sitk.Image, case_id: str, batch_size: int
+    model: LoadedModel,
+    image: sitk.Image,
+    label: sitk.Image,
+    case_id: str,
+    batch_size: int,
+    nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
 ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray, np.ndarray]:
     """Metric rows of one case, plus the image, reference and prediction arrays (z, y, x)."""
     if not same_grid(image, label, tol=1e-3):
@@ -84,7 +89,7 @@ def evaluate_case(
     spacing = tuple(reversed(image.GetSpacing()))
     if image.GetDimension() == 2:  # one slice: the z spacing does not enter any 2D distance
         spacing = (1.0, *spacing)
-    rows = metrics.case_metrics(case_id, pred, ref, spacing, model.label_map)
+    rows = metrics.case_metrics(case_id, pred, ref, spacing, model.label_map, nsd_tolerance_mm)
     return rows, volume_array(image), ref, pred
 
 
@@ -96,6 +101,7 @@ def evaluate_dataset(
     overlays: bool = False,
     overwrite: bool = False,
     batch_size: int = DEFAULT_BATCH,
+    nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
     reporter: Reporter | None = None,
 ) -> EvalResult:
     """Score every labelled case of `split`; write the CSVs, summary.json and (optionally) overlays."""
@@ -123,7 +129,7 @@ def evaluate_dataset(
         if label_path is None:  # filtered above; kept for the type checker
             continue
         image, label = read_image(ds.image_path(case_id)), read_image(label_path)
-        case_rows, img, ref, pred = evaluate_case(model, image, label, case_id, batch_size)
+        case_rows, img, ref, pred = evaluate_case(model, image, label, case_id, batch_size, nsd_tolerance_mm)
         rows.extend(case_rows)
         if overlays:
             from medcl_cli.overlays import write_overlay
@@ -148,6 +154,7 @@ def evaluate_dataset(
             "dataset": str(ds.root),
             "dataset_fingerprint": ds.fingerprint(),
             "split": split,
+            "nsd_tolerance_mm": nsd_tolerance_mm,
             "skipped_unlabelled": skipped,
             "worst_cases": [{"case_id": c, "mean_dice": float(d)} for c, d in worst.items()],
             "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
@@ -162,10 +169,10 @@ def evaluate_dataset(
 
 def summary_table(summary: pd.DataFrame) -> list[str]:
     """The summary as aligned text lines (one per class): what `medcl evaluate` prints on stdout."""
-    lines = [f"{'label':<18} {'dice':>15} {'iou':>15} {'hd95_mm':>17} {'n':>4} {'n_nan':>5}"]
+    lines = [f"{'label':<18} {'dice':>15} {'iou':>15} {'hd95_mm':>17} {'nsd':>15} {'n':>4} {'n_nan':>5}"]
     for label, df in summary.groupby("label", sort=False):
         m = {r["metric"]: r for r in df.to_dict("records")}
         cell = lambda k, w: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}".rjust(w)  # noqa: E731
         n_nan = sum(int(m[k]["n_nan"]) for k in metrics.METRICS)
-        lines.append(f"{str(label):<18} {cell('dice', 15)} {cell('iou', 15)} {cell('hd95_mm', 17)} {int(m['dice']['n']):>4} {n_nan:>5}")
+        lines.append(f"{str(label):<18} {cell('dice', 15)} {cell('iou', 15)} {cell('hd95_mm', 17)} {cell('nsd', 15)} {int(m['dice']['n']):>4} {n_nan:>5}")
     return lines

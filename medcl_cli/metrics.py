@@ -2,8 +2,8 @@
 
 Empty-mask rule (conventions.md 3.13; MONAI#9095 shows what goes wrong without one). For each case and
 foreground class, with P the predicted and R the reference mask:
-- both empty: Dice 1, IoU 1, HD95 0 (the model correctly found nothing);
-- exactly one empty: Dice 0, IoU 0, HD95 = the diagonal of the image in mm (the worst distance the grid
+- both empty: Dice 1, IoU 1, NSD 1, HD95 0 (the model correctly found nothing);
+- exactly one empty: Dice 0, IoU 0, NSD 0, HD95 = the diagonal of the image in mm (the worst distance the grid
   allows), and `pred_empty` / `ref_empty` say which (a missed structure is never scored as NaN, so it can
   never drop out of a mean and flatter the model);
 - otherwise the usual definitions.
@@ -11,7 +11,8 @@ HD95 is the symmetric 95th-percentile Hausdorff distance: the larger of the two 
 of the distances from each surface voxel of one mask to the nearest surface voxel of the other (MONAI's
 `compute_hausdorff_distance(percentile=95)`), measured in mm with the image's spacing. Surface voxels are
 mask voxels with at least one face-neighbour outside the mask (the image border counts as outside).
-Summaries count NaN values (`n_nan`) next to every statistic instead of dropping them silently.
+NSD (normalised surface Dice, Nikolov et al. 2021) is the share of both surfaces lying within a tolerance
+(mm) of the other surface. Summaries count NaN values (`n_nan`) next to every statistic instead of dropping them silently.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from medcl_cli.config import InferenceConfig
+
 PER_CASE_COLUMNS = [
     "case_id",
     "label",
@@ -30,14 +33,16 @@ PER_CASE_COLUMNS = [
     "dice",
     "iou",
     "hd95_mm",
+    "nsd",
     "vol_pred_ml",
     "vol_ref_ml",
     "pred_empty",
     "ref_empty",
 ]
-METRICS = ("dice", "iou", "hd95_mm")
+METRICS = ("dice", "iou", "hd95_mm", "nsd")
 OVERALL = "mean_foreground"  # the `label` of the per-case mean over foreground classes
 HD_PERCENTILE = 95.0
+NSD_TOLERANCE_MM = InferenceConfig().nsd_tolerance_mm
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -79,13 +84,25 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], percentile: flo
     return float(max(np.percentile(d_ab, percentile), np.percentile(d_ba, percentile)))
 
 
+def nsd(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """Normalised surface Dice of two non-empty masks: the share of both surfaces within `tolerance_mm`.
+
+    (|{s in S_a: d(s, S_b) <= t}| + |{s in S_b: d(s, S_a) <= t}|) / (|S_a| + |S_b|), counting surface
+    voxels (Nikolov et al. 2021 weight by surface area; on voxel surfaces the two agree closely).
+    """
+    d_ab, d_ba = directed_surface_distances(a, b, spacing)
+    return float((np.count_nonzero(d_ab <= tolerance_mm) + np.count_nonzero(d_ba <= tolerance_mm)) / (d_ab.size + d_ba.size))
+
+
 def diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Length of the image diagonal in mm: the HD95 given when exactly one mask is empty."""
     return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
-def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float | bool]:
-    """Dice, IoU, HD95 (mm) and volumes (ml) of one boolean prediction against one boolean reference.
+def class_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], nsd_tolerance_mm: float = NSD_TOLERANCE_MM
+) -> dict[str, float | bool]:
+    """Dice, IoU, HD95 (mm), NSD and volumes (ml) of one boolean prediction against one boolean reference.
 
     `spacing` is in array axis order (for a SimpleITK array (z, y, x): the image spacing reversed).
     """
@@ -95,18 +112,22 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     pred_empty, ref_empty = n_pred == 0, n_ref == 0
     if pred_empty and ref_empty:
-        dice, iou, hd = 1.0, 1.0, 0.0
+        dice, iou, hd, sd = 1.0, 1.0, 0.0, 1.0
     elif pred_empty or ref_empty:
-        dice, iou, hd = 0.0, 0.0, diagonal_mm(pred.shape, spacing)
+        dice, iou, hd, sd = 0.0, 0.0, diagonal_mm(pred.shape, spacing), 0.0
     else:
         inter = int(np.count_nonzero(pred & ref))
         dice = 2.0 * inter / (n_pred + n_ref)
         iou = inter / (n_pred + n_ref - inter)
-        hd = hd95(pred, ref, spacing)
+        d_pr, d_rp = directed_surface_distances(pred, ref, spacing)  # one pair of transforms for both
+        hd = float(max(np.percentile(d_pr, HD_PERCENTILE), np.percentile(d_rp, HD_PERCENTILE)))
+        sd = float((np.count_nonzero(d_pr <= nsd_tolerance_mm) + np.count_nonzero(d_rp <= nsd_tolerance_mm))
+                   / (d_pr.size + d_rp.size))
     return {
         "dice": dice,
         "iou": iou,
         "hd95_mm": hd,
+        "nsd": sd,
         "vol_pred_ml": n_pred * voxel_ml,
         "vol_ref_ml": n_ref * voxel_ml,
         "pred_empty": pred_empty,
@@ -115,7 +136,12 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
 
 
 def case_metrics(
-    case_id: str, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: dict[int, str]
+    case_id: str,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    labels: dict[int, str],
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> list[dict[str, object]]:
     """One row per foreground class (id > 0 in `labels`) of a case; arrays hold class ids."""
     if pred.shape != ref.shape:
@@ -123,7 +149,7 @@ def case_metrics(
     rows: list[dict[str, object]] = []
     for cid in sorted(k for k in labels if k > 0):
         row: dict[str, object] = {"case_id": case_id, "label": labels[cid], "class_id": cid}
-        row.update(class_metrics(pred == cid, ref == cid, spacing))
+        row.update(class_metrics(pred == cid, ref == cid, spacing, nsd_tolerance_mm))
         rows.append(row)
     return rows
 
@@ -185,7 +211,7 @@ def summary_dict(per_case: pd.DataFrame, summary: pd.DataFrame) -> dict[str, obj
         "metrics": by_label,
         "empty_counts": empties,
         "empty_rule": (
-            "both empty: dice=iou=1, hd95=0; exactly one empty: dice=iou=0, hd95=image diagonal (mm), "
+            "both empty: dice=iou=nsd=1, hd95=0; exactly one empty: dice=iou=nsd=0, hd95=image diagonal (mm), "
             "flagged in pred_empty/ref_empty"
         ),
         "hd95_definition": "max of the two directed 95th-percentile surface distances, in mm (image spacing)",

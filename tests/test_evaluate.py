@@ -41,6 +41,7 @@ def test_evaluate_writes_per_case_summary_and_overlays(setup, capsys):
     assert "no label" in err and "c3" in err
     assert per_case["dice"].between(0.9, 1.0).all()  # the tiny run really segments the blob
     assert (per_case["hd95_mm"] >= 0).all() and not per_case["pred_empty"].any()
+    assert per_case["nsd"].between(0.5, 1.0).all()  # most surface voxels within 1 mm of the reference
     assert (per_case["vol_ref_ml"] > 0).all()
     summ = pd.read_csv(folder / "metrics_summary.csv")
     assert set(summ["label"]) == {"blob", metrics.OVERALL}

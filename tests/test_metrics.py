@@ -33,6 +33,13 @@ def _hd95_bruteforce(a: np.ndarray, b: np.ndarray, spacing) -> float:
     return float(max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95)))
 
 
+def _nsd_bruteforce(a: np.ndarray, b: np.ndarray, spacing, tol: float) -> float:
+    pa = np.argwhere(_surface_loop(a)) * np.asarray(spacing)
+    pb = np.argwhere(_surface_loop(b)) * np.asarray(spacing)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return float(((d.min(1) <= tol).sum() + (d.min(0) <= tol).sum()) / (len(pa) + len(pb)))
+
+
 def _random_blob(rng: np.random.Generator, shape) -> np.ndarray:
     centre = rng.uniform(2, np.asarray(shape) - 2)
     radii = rng.uniform(1.5, 4.0, size=len(shape))
@@ -60,6 +67,8 @@ def test_metrics_match_bruteforce(seed):
     assert got["dice"] == pytest.approx(2 * inter / (na + nb))
     assert got["iou"] == pytest.approx(inter / (na + nb - inter))
     assert got["hd95_mm"] == pytest.approx(_hd95_bruteforce(a, b, spacing), rel=1e-9, abs=1e-9)
+    assert got["nsd"] == pytest.approx(_nsd_bruteforce(a, b, spacing, metrics.NSD_TOLERANCE_MM))
+    assert metrics.class_metrics(a, b, spacing, 2.0)["nsd"] == pytest.approx(_nsd_bruteforce(a, b, spacing, 2.0))
     vox = 3.0 * 0.8 * 1.3 / 1000
     assert got["vol_pred_ml"] == pytest.approx(na * vox)
     assert got["vol_ref_ml"] == pytest.approx(nb * vox)
@@ -79,7 +88,7 @@ def test_identical_masks_are_perfect():
     a = np.zeros((5, 8, 8), bool)
     a[1:4, 2:6, 2:5] = True
     m = metrics.class_metrics(a, a.copy(), (2.0, 1.0, 1.0))
-    assert (m["dice"], m["iou"], m["hd95_mm"]) == (1.0, 1.0, 0.0)
+    assert (m["dice"], m["iou"], m["hd95_mm"], m["nsd"]) == (1.0, 1.0, 0.0, 1.0)
 
 
 def test_empty_rules():
@@ -88,11 +97,11 @@ def test_empty_rules():
     full = empty.copy()
     full[1:3, 2:5, 2:5] = True
     both = metrics.class_metrics(empty, empty, spacing)
-    assert (both["dice"], both["iou"], both["hd95_mm"]) == (1.0, 1.0, 0.0)
+    assert (both["dice"], both["iou"], both["hd95_mm"], both["nsd"]) == (1.0, 1.0, 0.0, 1.0)
     assert both["pred_empty"] and both["ref_empty"]
     diag = math.sqrt(20.0**2 + 15.0**2 + 18.0**2)
     missed = metrics.class_metrics(empty, full, spacing)
-    assert (missed["dice"], missed["iou"]) == (0.0, 0.0)
+    assert (missed["dice"], missed["iou"], missed["nsd"]) == (0.0, 0.0, 0.0)
     assert missed["hd95_mm"] == pytest.approx(diag)
     assert missed["pred_empty"] and not missed["ref_empty"]
     spurious = metrics.class_metrics(full, empty, spacing)
@@ -129,9 +138,9 @@ def test_summary_counts_nan():
     per_case = pd.DataFrame(
         [
             {"case_id": "a", "label": "A", "class_id": 1, "dice": 0.8, "iou": 0.6, "hd95_mm": 2.0,
-             "vol_pred_ml": 1, "vol_ref_ml": 1, "pred_empty": False, "ref_empty": False},
+             "nsd": 0.9, "vol_pred_ml": 1, "vol_ref_ml": 1, "pred_empty": False, "ref_empty": False},
             {"case_id": "b", "label": "A", "class_id": 1, "dice": float("nan"), "iou": 0.5, "hd95_mm": 4.0,
-             "vol_pred_ml": 1, "vol_ref_ml": 1, "pred_empty": False, "ref_empty": False},
+             "nsd": 0.8, "vol_pred_ml": 1, "vol_ref_ml": 1, "pred_empty": False, "ref_empty": False},
         ]
     )
     summ = metrics.summarize(per_case)

@@ -41,7 +41,8 @@ def test_finetune_evaluate_predict_on_acdc(shared_data, tmp_path, capsys):
     per_case = pd.read_csv(run / "eval_val" / "metrics_per_case.csv")
     assert sorted(per_case["label"]) == ["LV", "Myo", "RV"] and list(per_case["case_id"].unique()) == VAL
     assert per_case["dice"].between(0, 1).all() and per_case["iou"].between(0, 1).all()
-    assert (per_case["hd95_mm"] >= 0).all() and per_case[["dice", "hd95_mm"]].notna().all().all()
+    assert (per_case["hd95_mm"] >= 0).all() and per_case[["dice", "hd95_mm", "nsd"]].notna().all().all()
+    assert per_case["nsd"].between(0, 1).all()
     summ = pd.read_csv(run / "eval_val" / "metrics_summary.csv")
     assert set(summ["label"]) == {"RV", "Myo", "LV", "mean_foreground"}
     assert json.loads((run / "eval_val" / "summary.json").read_text())["n_cases"] == 1

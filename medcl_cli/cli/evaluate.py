@@ -25,11 +25,14 @@ def evaluate(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (inference.batch_size, default 16).")
     ] = None,
+    nsd_tolerance: Annotated[
+        Optional[float], typer.Option("--nsd-tolerance", min=0.0, help="NSD tolerance in mm (default 1.0).")
+    ] = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Predict every labelled case of a split per 3D volume and score it (Dice, IoU, HD95 in mm, volumes).
+    """Predict every labelled case of a split per 3D volume and score it (Dice, IoU, HD95 in mm, NSD, volumes).
 
     Writes metrics_per_case.csv, metrics_summary.csv and summary.json (mean, median, std, n, n_nan per
     class and the mean over foreground classes); an empty prediction or reference is scored by the
@@ -52,7 +55,9 @@ def evaluate(
     out_dir = out or (run_folder / f"eval_{split}")
     res = evaluate_dataset(
         model, ds, split, out_dir, overlays=overlays, overwrite=overwrite,
-        batch_size=batch_size or InferenceConfig().batch_size, reporter=ConsoleReporter(),
+        batch_size=batch_size or InferenceConfig().batch_size,
+        nsd_tolerance_mm=InferenceConfig().nsd_tolerance_mm if nsd_tolerance is None else nsd_tolerance,
+        reporter=ConsoleReporter(),
     )
     if as_json:
         console.result(json.dumps(res.summary_json, indent=2))
