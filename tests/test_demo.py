@@ -136,3 +136,14 @@ def test_demo_full_size_within_budget(tmp_path: Path, capsys) -> None:
     dice = summary["metrics"]["mean_foreground"]["dice"]["mean"]
     assert dice > 0.6, dice
     assert seconds < 180, seconds
+
+
+def test_getting_started_shows_the_demo_commands_it_runs() -> None:
+    """docs/getting-started.md quotes the demo's command lines; they must be the ones the demo plans."""
+    from medcl_cli.demo import training_commands
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    quoted = [shlex.split(ln.split("$ medcl ", 1)[1]) for ln in doc.splitlines() if "] $ medcl " in ln]
+    size, out = SIZES["default"], Path("demo")
+    planned = [ingest_command(out, size), *training_commands(out, size, size.labeled, out / "new_scans" / "DEMO009")]
+    assert quoted == planned
