@@ -142,6 +142,10 @@ def _plan_group(frames: list[Frame], cfg: IngestConfig, role: str, sub: str) -> 
         if frames[0].nframes > 1:
             plan.reason = "multi-frame object without per-frame functional groups: slice positions unknown"
         return [plan]
+    bad = _bad_geometry(frames)
+    if bad:
+        plan.status, plan.reason = "failed:geometry", bad
+        return [plan]
     iop = np.asarray(frames[0].iop, dtype=np.float64)
     row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     normal = np.cross(row, col)
@@ -175,6 +179,24 @@ def _plan_group(frames: list[Frame], cfg: IngestConfig, role: str, sub: str) -> 
     if counts.max() > 1:
         plan.duplicates = True
     return [_geometry(plan, ipp, proj, row, col, normal, cfg)]
+
+
+def _bad_geometry(frames: list[Frame]) -> str:
+    """Why the geometry tags contradict themselves ("" when they are usable): a degenerate or
+    non-orthogonal ImageOrientationPatient, non-positive PixelSpacing, non-finite positions."""
+    iop = np.asarray(frames[0].iop, dtype=np.float64)
+    if iop.shape != (6,) or not np.isfinite(iop).all():
+        return f"ImageOrientationPatient {list(frames[0].iop or ())} is not six finite numbers"
+    row, col = iop[:3], iop[3:]
+    nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+    if nr < 1e-6 or nc < 1e-6 or abs(float(row @ col)) / (nr * nc) > 0.01:
+        return f"ImageOrientationPatient {iop.round(4).tolist()}: row and column directions are not orthogonal"
+    spacing = np.asarray([f.spacing for f in frames], dtype=np.float64)
+    if not np.isfinite(spacing).all() or float(spacing.min()) <= 0:
+        return f"PixelSpacing {list(frames[0].spacing or ())} is not positive"
+    if not np.isfinite(np.asarray([f.ipp for f in frames], dtype=np.float64)).all():
+        return "ImagePositionPatient holds non-finite values"
+    return ""
 
 
 def _geometry(

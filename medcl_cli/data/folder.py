@@ -113,7 +113,37 @@ def open_dataset(path: str | Path) -> DatasetFolder:
             f"{root / 'cases.csv'} lacks the column(s) {', '.join(absent)}", "re-run medcl ingest or fix the header"
         )
     cases["label"] = cases["label"].fillna("")
+    _check_manifest(root, info, cases)
     return DatasetFolder(root=root, info=info, cases=cases, meta=meta)
+
+
+def _check_manifest(root: Path, info: Any, cases: pd.DataFrame) -> None:
+    """Refuse what would make every later command misbehave: a hand-edited case id that is empty, a path
+    that is absolute or climbs out of the folder (reads outside the dataset), label keys that are not
+    integers."""
+    import os
+
+    bad: list[str] = []
+    for i, row in enumerate(cases[["case_id", "image", "label"]].itertuples(index=False), start=2):
+        cid, image, label = row
+        if not isinstance(cid, str) or not cid.strip():
+            bad.append(f"line {i}: empty case_id")
+        if not isinstance(image, str) or not image.strip():
+            bad.append(f"line {i}: empty image path")
+        for rel in (image, label):
+            if isinstance(rel, str) and rel and (os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == ".."):
+                bad.append(f"line {i}: path '{rel}' is outside the dataset folder")
+    if bad:
+        raise InvalidDataError(
+            f"{root / 'cases.csv'} has {len(bad)} bad row(s): {'; '.join(bad[:5])}",
+            "paths in cases.csv are relative to the dataset folder; fix the rows or re-run medcl ingest",
+        )
+    labels = info.get("labels", {}) if isinstance(info, dict) else None
+    if not isinstance(labels, dict) or not all(str(k).strip().lstrip("-").isdigit() for k in labels):
+        raise InvalidDataError(
+            f"{root / 'dataset.json'}: 'labels' must map integer values to names, e.g. {{\"0\": \"background\"}}",
+            "fix dataset.json or re-run medcl ingest",
+        )
 
 
 def write_rows_atomic(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:

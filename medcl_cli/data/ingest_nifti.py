@@ -41,6 +41,9 @@ def case_name(path: Path) -> str:
 
 
 def _as_3d(img: sitk.Image) -> sitk.Image:
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise ValueError(f"{img.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image); "
+                         "write one scalar channel per file")
     if img.GetDimension() == 2:
         return sitk.JoinSeries([img])
     if img.GetDimension() == 4:
@@ -60,7 +63,7 @@ def convert_volume(path: Path, label: Path | None, case_id: str, workdir: Path) 
     """(status, reason, case) for one volume and its label; runs in a worker process."""
     name = case_name(path)
     try:
-        img = _as_3d(read_image(path))
+        img = _as_3d(read_image(path, finite=True))
     except (MedclError, ValueError, RuntimeError) as exc:
         return "failed:unreadable", str(exc), None
     label_img = None

@@ -33,18 +33,29 @@ def strip_suffix(name: str) -> str:
     return name
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """A NIfTI/NRRD/MHA volume with its geometry; clear errors for missing or unreadable files."""
+def read_image(path: str | Path, finite: bool = False) -> sitk.Image:
+    """A NIfTI/NRRD/MHA volume with its geometry; clear errors for missing, unreadable or truncated files
+    (ITK zero-fills a cut `.nii.gz`), and with `finite` for NaN/inf voxels (ITK reads them as 0)."""
+    from medcl_cli.data.integrity import gzip_truncated, nonfinite_voxels
+
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"image not found: {p}", "check the path")
     try:
-        return sitk.ReadImage(str(p))
-    except RuntimeError as exc:
+        image = sitk.ReadImage(str(p))
+        cut = gzip_truncated(p, image)
+    except (RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InvalidDataError(
             f"cannot read {p}: {first}", "the file may be truncated or not a NIfTI/NRRD/MHA volume"
         ) from None
+    if cut:
+        raise InvalidDataError(f"{p} is truncated (its compressed data ends early)", "copy or export the file again")
+    if finite:
+        bad = nonfinite_voxels(p, image)
+        if bad:
+            raise InvalidDataError(f"{p} has {bad} NaN/inf voxel(s)", "replace them (e.g. by 0) in the source file")
+    return image
 
 
 def write_image(image: sitk.Image, path: str | Path, verify: bool = True, compress: bool = True) -> Path:

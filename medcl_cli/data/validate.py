@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from medcl_cli.data.folder import SPLITS, open_dataset
-from medcl_cli.data.io import grid_difference, same_grid
+from medcl_cli.data.io import grid_difference, read_image, same_grid
 from medcl_cli.errors import MedclError
 from medcl_cli.report import NullReporter, Reporter
 
@@ -41,10 +42,9 @@ def _read(path: Path) -> sitk.Image | str:
     if not path.is_file():
         return "file missing"
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        return f"unreadable ({lines[-1] if lines else 'error'})"
+        return read_image(path)
+    except MedclError as exc:
+        return f"unreadable ({exc.message})"
 
 
 def _nonfinite(path: Path) -> int:
@@ -56,6 +56,16 @@ def _nonfinite(path: Path) -> int:
     except Exception:  # noqa: BLE001 - not a NIfTI nibabel reads: fall back to SimpleITK
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     return int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+
+
+def _number(row: Any, col: str) -> float | str | None:
+    """The numeric value of a cases.csv cell, None when absent or empty, or a problem message."""
+    if col not in row or str(row[col]).strip() in ("", "nan"):
+        return None
+    try:
+        return float(row[col])
+    except (TypeError, ValueError):
+        return f"{col} is '{row[col]}' in cases.csv, not a number"
 
 
 def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> ValidationResult:
@@ -97,10 +107,16 @@ def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> Vali
                 add(Problem(cid, "voxels", f"{bad} NaN/inf voxel(s) in {row['image']}"))
         for axis, name in enumerate(("x", "y", "z")):
             col = f"size_{name}"
-            if col in row and str(row[col]) not in ("", "nan") and int(float(row[col])) != size[axis]:
+            num = _number(row, col)
+            if isinstance(num, str):
+                add(Problem(cid, "cases", num))
+            elif num is not None and int(num) != size[axis]:
                 add(Problem(cid, "cases", f"{col} is {row[col]} in cases.csv but {size[axis]} in the image"))
             col = f"spacing_{name}"
-            if col in row and str(row[col]) not in ("", "nan") and abs(float(row[col]) - img.GetSpacing()[axis]) > 1e-4:
+            num = _number(row, col)
+            if isinstance(num, str):
+                add(Problem(cid, "cases", num))
+            elif num is not None and abs(num - img.GetSpacing()[axis]) > 1e-4:
                 add(Problem(cid, "cases", f"{col} is {row[col]} in cases.csv but {img.GetSpacing()[axis]:.6g} in the image"))
         if groups is not None:
             rows = groups.get_group(cid) if cid in groups.groups else None
