@@ -13,6 +13,7 @@ from medcl_cli.data.augment import make_views, warp
 from medcl_cli.engine.protocol import DataSpec
 from medcl_cli.errors import EXIT_INVALID, InvalidDataError, UsageError
 from medcl_cli.methods.gcl import GCL, check_meta_labels, slice_parts
+from medcl_cli.methods.gradients import conflict_fraction
 from medcl_cli.methods.samplers import topk_saliency
 from medcl_cli.models.unet import UNet
 
@@ -161,5 +162,16 @@ def test_pcgrad_mitigator_updates_encoder_and_heads(surgery_on):
     grads = _grads(m)
     for name in ("net.encoder.0.0.weight", "image_head.mlp.0.weight", "pixel_head.net.0.weight"):
         assert grads[name] is not None and torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0
+    m._feat = None
     with pytest.raises(RuntimeError):
         m.backward({})  # a backward without its training_step
+
+
+def test_conflicts_metric_reports_the_previous_mitigator_step():
+    m = _method()
+    out = m.training_step(_batch())
+    assert out["conflicts"].item() == 0.0  # nothing measured yet
+    per = [torch.autograd.grad(t, m._feat, retain_graph=True)[0] for t in m.task_losses(out)]
+    want = conflict_fraction(torch.stack(per).flatten(2))
+    m.backward(out)
+    assert m.training_step(_batch())["conflicts"].item() == pytest.approx(want.item())

@@ -9,6 +9,7 @@ from medcl_cli.errors import UsageError
 from medcl_cli.methods.gradients import (
     backward_on_features,
     backward_on_parameters,
+    conflict_fraction,
     get_combiner,
     pcgrad,
     pcgrad_project,
@@ -166,3 +167,10 @@ def test_parameter_surgery_combines_flattened_parameter_gradients():
     _, losses = model.losses(x)
     backward_on_parameters(losses, model.shared(), model.heads(), pcgrad, torch.Generator().manual_seed(8))
     assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in enc]), 2 * want, atol=1e-5)
+
+
+def test_conflict_fraction_counts_conflicting_pairs_per_problem():
+    g = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[-1.0, 1.0], [1.0, 1.0]], [[0.0, 1.0], [0.0, -1.0]]])  # M=3, S=2
+    # pairs (0,1): s0 conflict, s1 not; (0,2): neither; (1,2): s0 not, s1 conflict -> 2 of 6
+    assert conflict_fraction(g).item() == pytest.approx(2 / 6)
+    assert conflict_fraction(g[:1]).item() == 0.0

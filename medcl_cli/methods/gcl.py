@@ -110,6 +110,7 @@ class GCL(nn.Module):
         self.image_head = GlobalHead(channels, g.proj_hidden, g.proj_dim)
         self.pixel_head = DenseHead(channels, g.proj_hidden, g.pixel_dim, spatial_dims=net.spatial_dims)
         self._feat: torch.Tensor | None = None  # the bottleneck of the last training_step, for backward
+        self._conflicts = torch.zeros(())  # conflict fraction measured by the previous backward (a log)
 
     def meta_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         """M x B integer codes of the configured meta labels (-1 = missing)."""
@@ -174,6 +175,7 @@ class GCL(nn.Module):
             out[f"pix_{name}"] = pix[m]
         out["loss"] = self.w_img * img.sum() + self.w_pix * pix.sum()
         out["pixels_kept"] = keep.float().mean().detach()
+        out["conflicts"] = self._conflicts.to(out["loss"].device)
         self._feat = feat
         return out
 
@@ -194,12 +196,15 @@ class GCL(nn.Module):
             raise RuntimeError("GCL.backward needs the features of a training_step in the same step")
         tasks = self.task_losses(losses)
         if self.surgery_on == "features":
-            backward_on_features(tasks, feat, self.head_parameters(), self.combine, scope=self.surgery_scope)
+            conflicts = backward_on_features(
+                tasks, feat, self.head_parameters(), self.combine, scope=self.surgery_scope
+            )
         else:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             # every rank's task gradient is world x its share (gather_with_grad sums the ranks' losses);
             # their sum / world is the global gradient, identical on all ranks before PCGrad
             reduce = (lambda t: all_reduce_sum(t) / world) if world > 1 else None
-            backward_on_parameters(
+            conflicts = backward_on_parameters(
                 tasks, list(self.net.parameters()), self.head_parameters(), self.combine, reduce=reduce
             )
+        self._conflicts = conflicts.detach().float()

@@ -73,6 +73,18 @@ def get_combiner(name: str) -> Combiner:
     return COMBINERS[name]
 
 
+def conflict_fraction(grads: torch.Tensor) -> torch.Tensor:
+    """M x S x P -> scalar: the fraction of (task pair, problem) whose gradients conflict (dot < 0).
+
+    A diagnostic of how much the mitigator has to do: 0 means PCGrad equals the plain sum."""
+    m = grads.shape[0]
+    if m < 2:
+        return grads.new_zeros(())
+    dots = torch.einsum("isp,jsp->ijs", grads, grads)
+    iu = torch.triu_indices(m, m, 1, device=grads.device)
+    return (dots[iu[0], iu[1]] < 0).float().mean()
+
+
 def _accumulate(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
     for p, g in zip(params, grads):
         if g is None:
@@ -108,7 +120,7 @@ def backward_on_features(
     combine: Combiner,
     scope: str = "sample",
     generator: torch.Generator | None = None,
-) -> None:
+) -> torch.Tensor:
     """Gradient surgery on the shared feature tensor `feat`, then one backward through what produced it.
 
     losses: the M task losses, all computed from `feat` through the heads (`head_params`). For each task,
@@ -116,7 +128,8 @@ def backward_on_features(
     combined per sample (scope "sample": S = batch size, P = C*H*W) or over the whole batch (scope "batch":
     S = 1); then `feat.backward(combined)` runs the encoder backward once. Head parameters get the plain
     sum of their task gradients (they are shared by the tasks only through the loss, not the encoder).
-    Gradients are accumulated into `.grad`, as `Tensor.backward` would.
+    Gradients are accumulated into `.grad`, as `Tensor.backward` would. Returns `conflict_fraction` of
+    the feature gradients (detached).
     """
     if scope not in ("sample", "batch"):
         raise ValueError(f"surgery scope must be 'sample' or 'batch', got {scope!r}")
@@ -124,9 +137,11 @@ def backward_on_features(
     per_task = _task_grads(losses, [feat, *params], keep_last=True)
     g_feat = torch.stack([g[0] if g[0] is not None else torch.zeros_like(feat) for g in per_task])
     s = feat.shape[0] if scope == "sample" else 1
-    combined = combine(g_feat.reshape(len(losses), s, -1).float(), generator)
+    flat = g_feat.reshape(len(losses), s, -1).float()
+    combined = combine(flat, generator)
     _accumulate(params, [_sum_task(per_task, i + 1) for i in range(len(params))])
     feat.backward(combined.reshape(feat.shape).to(feat.dtype))
+    return conflict_fraction(flat).detach()
 
 
 def backward_on_parameters(
@@ -136,14 +151,14 @@ def backward_on_parameters(
     combine: Combiner,
     generator: torch.Generator | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
+) -> torch.Tensor:
     """Gradient surgery on the flattened gradient of `shared_params` (M full backward passes).
 
     The exact PCGrad setting: g_m = d loss_m / d theta_shared for every task, combined over the whole
     parameter vector (S = 1); head parameters get the plain sum. Costs M backward passes through the
     network, so it is the slow reference for `backward_on_features`. `reduce` (M x P -> M x P) turns
     this process's task gradients into the global ones before combining (DDP: an all-reduce), so every
-    rank combines the same gradients.
+    rank combines the same gradients. Returns `conflict_fraction` of the parameter gradients.
     """
     shared = [p for p in shared_params if p.requires_grad]
     heads = [p for p in head_params if p.requires_grad]
@@ -156,6 +171,7 @@ def backward_on_parameters(
     if reduce is not None:
         stacked = reduce(stacked)
     combined = combine(stacked[:, None, :], generator)[0]
+    conflicts = conflict_fraction(stacked[:, None, :]).detach()
     offset = 0
     for i, p in enumerate(shared):
         n = p.numel()
@@ -165,3 +181,4 @@ def backward_on_parameters(
         _accumulate([p], [piece])
     n_sh = len(shared)
     _accumulate(heads, [_sum_task(per_task, n_sh + i) for i in range(len(heads))])
+    return conflicts
