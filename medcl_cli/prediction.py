@@ -51,7 +51,7 @@ class PredictResult:
 
 def _volume_input(path: Path) -> PredictInput:
     return PredictInput(
-        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path), display=path.name
+        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path, finite=True), display=path.name
     )
 
 
