@@ -103,8 +103,10 @@ def evaluate_dataset(
     batch_size: int = DEFAULT_BATCH,
     nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
     reporter: Reporter | None = None,
+    report: bool = False,
 ) -> EvalResult:
-    """Score every labelled case of `split`; write the CSVs, summary.json and (optionally) overlays."""
+    """Score every labelled case of `split`; write the CSVs, summary.json and (optionally) overlays and
+    the self-contained `report.html`."""
     rep = reporter or NullReporter()
     check_label_maps(model, ds)
     rows_split = select_cases(ds, split)
@@ -122,6 +124,7 @@ def evaluate_dataset(
     prepare_out(out, overwrite)
     rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
+    panels: dict[str, str] = {}  # case_id -> PNG data URI for report.html
     rep.start(TASK, len(labelled))
     for case_id in labelled["case_id"]:
         t0 = time.perf_counter()
@@ -138,6 +141,10 @@ def evaluate_dataset(
             spacing = tuple(reversed(image.GetSpacing()))
             write_overlay(img, ref, pred, spacing, out / "overlays" / f"{case_id}.png",
                           f"{case_id}  mean Dice {mean_dice:.3f}", {k: v for k, v in model.label_map.items() if k > 0})
+        if report:
+            from medcl_cli.report_html import case_panel
+
+            panels[case_id] = case_panel(img, ref, pred, tuple(reversed(image.GetSpacing())), len(model.label_map))
         seconds[case_id] = time.perf_counter() - t0
         fg = [float(r["dice"]) for r in case_rows]
         rep.advance(TASK, 1, case=case_id, dice=float(np.mean(fg)) if fg else float("nan"))
@@ -159,11 +166,16 @@ def evaluate_dataset(
             "worst_cases": [{"case_id": c, "mean_dice": float(d)} for c, d in worst.items()],
             "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
             "overlays": "overlays/" if overlays else None,
+            "report": "report.html" if report else None,
         }
     )
     write_csv_atomic(per_case, out / "metrics_per_case.csv")
     write_csv_atomic(summary, out / "metrics_summary.csv")
     write_json_atomic(js, out / "summary.json")
+    if report:
+        from medcl_cli.report_html import render_report, write_report
+
+        write_report(out / "report.html", render_report(per_case, summary, js, panels))
     return EvalResult(out=out, per_case=per_case, summary=summary, summary_json=js, skipped=skipped)
 
 

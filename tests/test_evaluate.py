@@ -32,7 +32,8 @@ def setup(tmp_path_factory):
 
 def test_evaluate_writes_per_case_summary_and_overlays(setup, capsys):
     run, data = setup
-    code, out, err = V.run_cli(capsys, "evaluate", str(run), "--data", str(data), "--split", "val", "--overlays")
+    code, out, err = V.run_cli(capsys, "evaluate", str(run), "--data", str(data), "--split", "val", "--overlays",
+                               "--report")
     assert code == 0, err
     folder = run / "eval_val"
     per_case = pd.read_csv(folder / "metrics_per_case.csv")
@@ -50,6 +51,8 @@ def test_evaluate_writes_per_case_summary_and_overlays(setup, capsys):
     assert js["n_cases"] == 2 and js["split"] == "val" and js["skipped_unlabelled"] == ["c3"]
     assert js["metrics"]["blob"]["dice"]["mean"] == pytest.approx(per_case["dice"].mean())
     assert (folder / "overlays" / "c1.png").stat().st_size > 1000
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert js["report"] == "report.html" and page.count("<h3>") == 2 and "c1" in page and "c2" in page
     assert "blob" in out and "mean_foreground" in out  # the summary table on stdout
     # a second run into the same folder refuses, --overwrite replaces
     code, _, err = V.run_cli(capsys, "evaluate", str(run), "--data", str(data), "--split", "val")

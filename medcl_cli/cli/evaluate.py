@@ -22,6 +22,9 @@ def evaluate(
     overlays: Annotated[
         bool, typer.Option("--overlays", help="Also write one PNG per case (image, reference, prediction).")
     ] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="Also write report.html: one self-contained page with tables, plots and cases.")
+    ] = False,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", min=1, help="Slices per forward pass (inference.batch_size, default 16).")
     ] = None,
@@ -38,7 +41,7 @@ def evaluate(
     class and the mean over foreground classes); an empty prediction or reference is scored by the
     documented rule (Dice 0, HD95 = image diagonal), never dropped. Cases without a mask are skipped.
 
-    Example: medcl evaluate runs/ft --data data/ --split val --overlays
+    Example: medcl evaluate runs/ft --data data/ --split val --overlays --report
     """
     from medcl_cli.cli.console import ConsoleReporter
     from medcl_cli.config import InferenceConfig
@@ -57,7 +60,7 @@ def evaluate(
         model, ds, split, out_dir, overlays=overlays, overwrite=overwrite,
         batch_size=batch_size or InferenceConfig().batch_size,
         nsd_tolerance_mm=InferenceConfig().nsd_tolerance_mm if nsd_tolerance is None else nsd_tolerance,
-        reporter=ConsoleReporter(),
+        reporter=ConsoleReporter(), report=report,
     )
     if as_json:
         console.result(json.dumps(res.summary_json, indent=2))
@@ -70,4 +73,6 @@ def evaluate(
     if worst:
         console.result("worst cases: " + ", ".join(f"{w['case_id']} ({w['mean_dice']:.3f})" for w in worst))
     console.result(f"results: {out_dir}")
+    if report:
+        console.result(f"report: {out_dir / 'report.html'}")
     console.info(f"next: medcl predict {run} SCAN.nii.gz --out preds/")
