@@ -126,6 +126,7 @@ def test_usage_errors(tiny_dataset, tmp_path, capsys):
     assert medcl("finetune", "--data", str(tiny_dataset), "--out", str(tmp_path / "q"), "--method", "supervsed") == 2
     assert "did you mean 'supervised'" in capsys.readouterr().err
     assert medcl("finetune", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q"), *TINY) == 3
+    assert not (tmp_path / "q").exists()  # a run that never started leaves nothing behind
     assert medcl("finetune", "--data", str(tiny_dataset), "--out", str(tmp_path / "q"), "--device", "cuda:3") == 2
 
 

@@ -66,12 +66,18 @@ class RunFolder:
         self.ckpt_dir = root / "checkpoints"
         self.info: dict[str, Any] = {}
         self._rows: list[list[Any]] = []
-        if active:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._pending: list[str] = []  # log lines before start(): nothing is written for a run that never starts
+        self.started = False
 
     def start(self, info: dict[str, Any], config_yaml: str, resume_step: int | None) -> None:
         if not self.active:
             return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.started = True
+        if self._pending:
+            with open(self.root / "log.txt", "a", encoding="utf-8") as fh:
+                fh.writelines(self._pending)
+            self._pending.clear()
         old = self.root / "run.json"
         if resume_step is not None and old.is_file():
             prev = json.loads(old.read_text(encoding="utf-8"))
@@ -98,7 +104,7 @@ class RunFolder:
         os.replace(tmp, path)
 
     def save_info(self) -> None:
-        if self.active:
+        if self.active and self.started:
             write_json_atomic(self.root / "run.json", self.info)
 
     def metric(self, step: int, split: str, name: str, value: float) -> None:
@@ -106,23 +112,28 @@ class RunFolder:
             self._rows.append([step, split, name, f"{value:.6g}"])
 
     def flush(self) -> None:
-        if self.active and self._rows:
+        if self.active and self.started and self._rows:
             with open(self.root / "metrics.csv", "a", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerows(self._rows)
             self._rows.clear()
 
     def event(self, kind: str, **fields: Any) -> None:
-        if self.active:
+        if self.active and self.started:
             with open(self.root / "events.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"time": now(), "event": kind, **fields}, default=str) + "\n")
 
     def log_line(self, level: str, message: str) -> None:
-        if self.active:
-            with open(self.root / "log.txt", "a", encoding="utf-8") as fh:
-                fh.write(f"{now()} {level:<7} {message}\n")
+        if not self.active:
+            return
+        line = f"{now()} {level:<7} {message}\n"
+        if not self.started:
+            self._pending.append(line)
+            return
+        with open(self.root / "log.txt", "a", encoding="utf-8") as fh:
+            fh.write(line)
 
     def finish(self, status: str, exit_code: int, **extra: Any) -> None:
-        if not self.active:
+        if not self.active or not self.started:  # failed before anything was written: leave nothing
             return
         self.flush()
         self.info.update(status=status, exit_code=exit_code, ended=now(), **extra)
