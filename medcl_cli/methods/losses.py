@@ -166,19 +166,18 @@ class _ExpClassSums(torch.autograd.Function):
 
 
 def _local_rows(
-    z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, tau: float, form: str
+    z: torch.Tensor, y: torch.Tensor, zsum: torch.Tensor | None, labels: torch.Tensor, rows: torch.Tensor,
+    row_ok: torch.Tensor, tau: float, form: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor losses G x R of the anchors `rows` (G x R indices into each group's N members) and the
     mask of anchors whose loss is defined.
 
-    Only the per-class sums of exp-similarities (`_ExpClassSums`, G x R x K) touch all N members; the
-    mean positive similarity comes from class sums of embeddings (Y^T z), so it costs no N-sized work.
-    `row_ok` marks real anchors (False for padding); an anchor without positives (or, in the paper form,
-    without negatives) gets 0 and False.
+    y: G x N x K one-hot labels (zero rows = ignored); zsum = y^T z (G x K x D, code form). Only the
+    per-class sums of exp-similarities (`_ExpClassSums`, G x R x K) touch all N members; the mean positive
+    similarity comes from the class sums of embeddings, so it costs no N-sized work. `row_ok` marks real
+    anchors (False for padding); an anchor without positives (or, in the paper form, without negatives)
+    gets 0 and False.
     """
-    k = int(labels.max()) + 1
-    valid = labels >= 0
-    y = F.one_hot(labels.clamp(min=0), k).to(z.dtype) * valid[..., None]  # G x N x K
     counts = y.sum(1)  # G x K
     za = torch.gather(z, 1, rows[..., None].expand(-1, -1, z.shape[2]))  # G x R x D
     la = torch.gather(labels, 1, rows).clamp(min=0)  # G x R
@@ -186,8 +185,7 @@ def _local_rows(
     same = torch.gather(counts, 1, la) - 1  # positives per anchor (self excluded)
     tiny = torch.finfo(c.dtype).tiny
     total = c.sum(-1)
-    if form == "code":
-        zsum = torch.bmm(y.transpose(1, 2), z)  # G x K x D
+    if zsum is not None:  # code form
         pos_dot = (za * (torch.gather(zsum, 1, la[..., None].expand(-1, -1, z.shape[2])) - za)).sum(-1) / tau
         loss = shift[..., 0] + torch.log(total.clamp_min(tiny)) - pos_dot / same.clamp(min=1)
         ok = row_ok & (same > 0)
@@ -242,11 +240,15 @@ def _local_terms(
     count = torch.zeros(g, dtype=torch.long, device=z.device)
     if g == 0 or n == 0 or not bool(per_group.any()):
         return loss_sum, count
-    # anchors first inside each group; groups by decreasing anchor count, so a piece of consecutive groups
-    # pads its rows to its first group's count (little waste when blocks hold very different amounts)
-    order = torch.sort((~is_anchor).to(torch.uint8), dim=1, stable=True).indices
+    # groups by decreasing anchor count (one copy, then every piece is a view of consecutive groups: a
+    # piece pads its rows to its first group's count, and nothing per piece is copied into the graph);
+    # anchors first inside each group
     by_size = torch.argsort(per_group, descending=True)
     sizes = per_group[by_size].tolist()
+    z, labels, is_anchor = z[by_size], labels[by_size], is_anchor[by_size]
+    y = F.one_hot(labels.clamp(min=0), int(labels.max()) + 1).to(z.dtype) * (labels >= 0)[..., None]
+    zsum = torch.bmm(y.transpose(1, 2), z) if form == "code" else None  # G x K x D class sums
+    order = torch.sort((~is_anchor).to(torch.uint8), dim=1, stable=True).indices
     g0 = 0
     while g0 < g and sizes[g0] > 0:
         rows = sizes[g0]
@@ -257,12 +259,11 @@ def _local_terms(
             g1 = min(g, g0 + max(1, chunk // (rows * n)))
             spans = [(g0, g1, 0, rows)]
         for a, b, r0, r1 in spans:
-            gi = by_size[a:b]
-            pick = order[gi, r0:r1]
-            args = (z[gi], labels[gi], pick, torch.gather(is_anchor[gi], 1, pick), tau, form)
-            loss, ok = _local_rows(*args)
-            loss_sum = loss_sum.index_add(0, gi, loss.sum(1))
-            count = count.index_add(0, gi, ok.sum(1))
+            pick = order[a:b, r0:r1]
+            part = None if zsum is None else zsum[a:b]
+            loss, ok = _local_rows(z[a:b], y[a:b], part, labels[a:b], pick, is_anchor[a:b].gather(1, pick), tau, form)
+            loss_sum = loss_sum.index_add(0, by_size[a:b], loss.sum(1))
+            count = count.index_add(0, by_size[a:b], ok.sum(1))
         g0 = spans[-1][1]
     return loss_sum, count
 
