@@ -56,7 +56,7 @@ def test_topk_saliency_picks_highest_valid_positions():
 
 def _cfg(**gcl: object) -> C.Config:
     cfg = C.Config()
-    return dataclasses.replace(cfg, gcl=dataclasses.replace(cfg.gcl, topk=8, proj_hidden=32, **gcl))
+    return dataclasses.replace(cfg, gcl=dataclasses.replace(cfg.gcl, **{"topk": 8, "proj_hidden": 32, **gcl}))
 
 
 def _method(**gcl: object) -> GCL:
@@ -175,3 +175,66 @@ def test_conflicts_metric_reports_the_previous_mitigator_step():
     want = conflict_fraction(torch.stack(per).flatten(2))
     m.backward(out)
     assert m.training_step(_batch())["conflicts"].item() == pytest.approx(want.item())
+
+
+def _project_on_first(grads: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A combiner that, like PCGrad, is positively homogeneous but not additive over ranks (PCGrad finds no
+    conflict at initialisation, so it would not tell a rank-local surgery from the global one)."""
+    u = torch.nn.functional.normalize(grads[0], dim=-1)
+    return (grads * u).sum(-1, keepdim=True).sum(0) * u
+
+
+def _ddp_grads(rank: int, world: int) -> dict:
+    """One GCL step per surgery mode on this rank's half of a fixed global batch; averaged gradients."""
+    from medcl_cli.engine import distributed as D
+
+    out = {}
+    full = _batch(b=6, size=16)
+    n = 6 // world
+    for mode in ("features", "parameters"):
+        torch.manual_seed(0)
+        net = UNet(2, 1, 4, channels=(4, 8, 16))
+        m = GCL(net, _cfg(surgery_on=mode, topk=4), DataSpec(4, dict(CARD), "pretrain", world))
+        m.combine = _project_on_first
+        if world > 1:
+            m = D.convert_sync_batchnorm(m, torch.device("cpu"))
+        part = {k: (v[rank * n : (rank + 1) * n] if torch.is_tensor(v) else v) for k, v in full.items()}
+        part["meta"] = {k: v[rank * n : (rank + 1) * n] for k, v in full["meta"].items()}
+        losses = m.training_step(part)
+        m.backward(losses)
+        D.average_gradients(m.parameters(), world)
+        out[mode] = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None and p.grad.any()}
+        out[mode + "_loss"] = losses["loss"].item()
+    return out
+
+
+def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_ddp_grads(rank, world), os.path.join(path, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_reproduce_one_process_in_both_surgery_modes(tmp_path):
+    """Gathered losses, per-sample feature surgery and the all-reduced parameter surgery under DDP give
+    the gradients of the one-process step on the whole batch."""
+    import torch.multiprocessing as mp
+
+    from medcl_cli.engine.distributed import free_port
+
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _ddp_grads(0, 1)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for mode in ("features", "parameters"):
+            assert got[mode + "_loss"] == pytest.approx(single[mode + "_loss"], abs=1e-4)
+            assert set(got[mode]) == set(single[mode])
+            for name, g in single[mode].items():
+                assert torch.allclose(got[mode][name], g, rtol=1e-3, atol=1e-5), (mode, name)
