@@ -117,7 +117,7 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     results = {}
     try:
         for key in KEYS:
-            cfg = method_config(key, **{"train.steps": 2, "train.checkpoint_every": 2})
+            cfg = method_config(key, **{"train.steps": 1, "train.checkpoint_every": 1})
             stage = get_info(key).stages[0]
             req = FitRequest(cfg=cfg, stage=stage, data=Path(data), out=Path(out) / key, labeled="2",
                              dist=D.DistEnv(rank, world, rank))
@@ -136,5 +136,5 @@ def test_every_method_runs_under_two_gloo_processes(tiny_dataset, tmp_path):
     assert set(r0) == set(KEYS)
     for key in KEYS:
         assert np.isfinite(r0[key]) and r0[key] == pytest.approx(r1[key], rel=1e-5)  # all-reduced: same on every rank
-        assert ckpt_io.load(tmp_path / key / "checkpoints" / "last.pt")["step"] == 2
+        assert ckpt_io.load(tmp_path / key / "checkpoints" / "last.pt")["step"] == 1
         assert json.loads((tmp_path / key / "run.json").read_text())["world_size"] == 2
