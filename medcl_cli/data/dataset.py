@@ -133,7 +133,7 @@ def _build(folder: DatasetFolder, data_cfg: Any, target: Path, reporter: Reporte
         k = 0
         reporter.start("caching slices", len(cases))
         for ci, cid in enumerate(cases["case_id"]):
-            arr = sitk.GetArrayFromImage(read_image(folder.image_path(cid)))
+            arr = sitk.GetArrayFromImage(read_image(folder.image_path(cid), finite=True))
             if arr.ndim == 2:
                 arr = arr[None]
             x, info = image_slices(arr, s, data_cfg.resize, data_cfg.normalize)

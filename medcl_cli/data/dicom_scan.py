@@ -74,12 +74,15 @@ def walk_inputs(paths: Iterable[Path]) -> Walked:
     out = Walked()
     seen: set[str] = set()
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or _dangling(p))
         for p in files:
             key = str(p.resolve())
             if key in seen or p.name.startswith(".tmp-"):
                 continue
             seen.add(key)
+            if _dangling(p):  # reported, not silently dropped: the user may expect this file to be read
+                out.issues.append(FileIssue(Source(str(p)), "failed:unreadable", "broken symbolic link (target missing)"))
+                continue
             if is_volume_file(p):
                 out.volumes.append(p)
             elif p.suffix.lower() == ".zip" and zipfile.is_zipfile(p):
@@ -93,6 +96,10 @@ def walk_inputs(paths: Iterable[Path]) -> Walked:
             else:
                 out.dicom.append(Source(str(p)))
     return out
+
+
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
 
 
 def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
