@@ -227,7 +227,7 @@ class ARCOConfig:
     rep_dim: int = 256  # representation size (paper 512, code 496; smaller for CPU)
     num_queries: int = 256  # anchors per class drawn by the sampler (code)
     num_negatives: int = 512  # negatives per class, shared by its anchors as in the paper's R_k^c (code: 512)
-    prototype_samples: int = 512  # class pixels drawn by the sampler to estimate the class-mean positive
+    prototype_samples: int = 256  # class pixels sampled for the class-mean positive (also pushed to the bank)
     bank_size: int = 4096  # per-class FIFO bank of sampled teacher embeddings (code: 30000, 50000 background)
     confidence: float = 0.97  # pseudo-label confidence threshold of L_unsup (code strong_threshold)
     anchor_confidence: float = 0.7  # unlabelled pixels enter L_contrast above this confidence (code weak_threshold)

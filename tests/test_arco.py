@@ -110,11 +110,11 @@ def test_finetune_stage_conformance(tiny_dataset, tmp_path):
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     ckpt_io.save(tmp_path / "last.pt", checkpoint_state(method, opt, scaler, 6, None, cfg, "finetune", slices, True))
     state = ckpt_io.load(tmp_path / "last.pt")
-    assert any(k.startswith("teacher.net.") for k in state["method_state"])  # the teacher is checkpointed
+    assert any(k.startswith("teacher_net.") for k in state["method_state"])  # the teacher is checkpointed
     torch.manual_seed(123)
     fresh = ARCO(build_unet(cfg.model, slices.num_classes), cfg, spec)
     assert restore_state(state, fresh, build_optimizer(fresh, cfg.optim), scaler, torch.device("cpu")) == (6, None)
-    assert eval_net(fresh) is fresh.teacher["net"]
+    assert eval_net(fresh) is fresh.teacher_net
     x = base["image"]
     with torch.no_grad():
         assert torch.equal(eval_net(method).eval()(x).logits, eval_net(fresh).eval()(x).logits)
@@ -128,19 +128,19 @@ def test_teacher_is_the_ema_of_the_student_and_starts_as_a_copy():
     with torch.no_grad():
         m.net.encoder[0][0].weight.add_(1.0)  # e.g. an --init-from load after construction
     out = m.training_step(batch)
-    assert torch.equal(m.teacher["net"].encoder[0][0].weight, m.net.encoder[0][0].weight)
-    t_before = {k: v.clone() for k, v in m.teacher["net"].named_parameters()}
+    assert torch.equal(m.teacher_net.encoder[0][0].weight, m.net.encoder[0][0].weight)
+    t_before = {k: v.clone() for k, v in m.teacher_net.named_parameters()}
     out["loss"].backward()
     with torch.no_grad():
         for p in m.net.parameters():
             if p.grad is not None:
                 p.sub_(0.1 * p.grad)
     m.on_step_end(0)
-    for k, v in m.teacher["net"].named_parameters():
+    for k, v in m.teacher_net.named_parameters():
         s = dict(m.net.named_parameters())[k]
         assert torch.allclose(v, 0.99 * t_before[k] + 0.01 * s, atol=1e-6), k
         assert not v.requires_grad
-    assert all(p.requires_grad is False for p in m.teacher.parameters())
+    assert all(p.requires_grad is False for p in m.teacher_net.parameters())
 
 
 def test_both_stages_learn_on_a_fixed_batch_and_report_their_terms():
@@ -166,9 +166,9 @@ def test_every_sampler_runs_the_finetune_step(sampler):
 
 def test_buffers_are_bounded_and_hold_only_sampled_embeddings():
     m = _method("finetune")
-    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith(("net.", "teacher."))}
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith(("net.", "teacher_"))}
     _train(m, 3, _batch())
-    after = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith(("net.", "teacher."))}
+    after = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith(("net.", "teacher_"))}
     assert after == shapes  # fixed-size buffers, nothing grows with steps
     assert int(m.bank.filled.sum()) > 0 and (m.bank.filled <= 256).all()
     c = m.c

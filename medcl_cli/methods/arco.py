@@ -87,10 +87,16 @@ class ARCO(nn.Module):
     """Mean-teacher semi-supervised method; the stage (pretrain | finetune) comes from the DataSpec."""
 
     needs = {"labeled", "unlabeled"}
+    teacher_synced: torch.Tensor
+    global_queue: FifoQueue
+    local_queue: FifoQueue
+    bank: ClassBank
+    nn_bank: FifoQueue
 
     def __init__(self, net: nn.Module, cfg: Any, spec: Any) -> None:
         super().__init__()
         c = cfg.arco
+        unet: Any = net  # models/unet.py UNet: stage_channels, channels
         _check(c, spec, net)
         self.c, self.net, self.stage, self.k = c, net, spec.stage, int(spec.num_classes)
         self.sup_cfg = cfg.supervised
@@ -98,7 +104,7 @@ class ARCO(nn.Module):
         heads: dict[str, nn.Module] = {}
         preds: dict[str, nn.Module] = {}
         if self.stage == "pretrain":
-            bottleneck = net.stage_channels[f"enc{len(net.channels) - 1}"]
+            bottleneck = unet.stage_channels[f"enc{len(unet.channels) - 1}"]
             heads["glob"] = GlobalHead(bottleneck, c.global_hidden, c.global_dim)
             heads["loc"] = DenseHead(self.k, c.local_hidden, c.local_dim)
             preds["glob"] = Predictor(c.global_dim, c.global_hidden)
@@ -106,12 +112,13 @@ class ARCO(nn.Module):
             self.global_queue = FifoQueue(c.queue_size, c.global_dim)
             self.local_queue = FifoQueue(c.queue_size, c.local_dim * PATCH * PATCH)
         else:
-            heads["rep"] = DenseHead(sum(net.channels), c.rep_hidden, c.rep_dim)
+            heads["rep"] = DenseHead(sum(unet.channels), c.rep_hidden, c.rep_dim)
             self.bank = ClassBank(self.k, c.bank_size, c.rep_dim)
             self.nn_bank = FifoQueue(c.nn_queue, c.rep_dim * c.nn_grid * c.nn_grid)
         self.heads = nn.ModuleDict(heads)
         self.predictors = nn.ModuleDict(preds)
-        self.teacher = nn.ModuleDict({"net": make_teacher(net), "heads": make_teacher(self.heads)})
+        self.teacher_net = make_teacher(net)
+        self.teacher_heads = make_teacher(self.heads)
         # False until the teacher has copied the student (after any --init-from load); saved with the state
         self.register_buffer("teacher_synced", torch.zeros((), dtype=torch.bool))
         self._pending: dict[str, Any] = {}
@@ -121,14 +128,14 @@ class ARCO(nn.Module):
     def eval_net(self) -> nn.Module:
         """The EMA teacher (default) or the student, per `arco.eval_net` (see the module docstring)."""
         use_teacher = self.c.eval_net == "teacher" and bool(self.teacher_synced)
-        return self.teacher["net"] if use_teacher else self.net
+        return self.teacher_net if use_teacher else self.net
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not bool(self.teacher_synced):
-            update_ema(self.teacher["net"], self.net, 0.0)
-            update_ema(self.teacher["heads"], self.heads, 0.0)
+            update_ema(self.teacher_net, self.net, 0.0)
+            update_ema(self.teacher_heads, self.heads, 0.0)
             self.teacher_synced.fill_(True)
-        self.teacher.train()  # batch statistics in the teacher, as the official code (ema_model.train())
+        self.teacher_net.train()  # batch statistics in the teacher, as the official code (ema_model.train())
         return self._pretrain(batch) if self.stage == "pretrain" else self._finetune(batch)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -137,8 +144,8 @@ class ARCO(nn.Module):
     @torch.no_grad()
     def on_step_end(self, step: int) -> None:
         """EMA update of the teacher (after the optimiser step), then the queue/bank pushes of this step."""
-        update_ema(self.teacher["net"], self.net, self.c.ema_momentum)
-        update_ema(self.teacher["heads"], self.heads, self.c.ema_momentum)
+        update_ema(self.teacher_net, self.net, self.c.ema_momentum)
+        update_ema(self.teacher_heads, self.heads, self.c.ema_momentum)
         p, self._pending = self._pending, {}
         if "glob" in p:
             self.global_queue.push(p["glob"])
@@ -174,10 +181,10 @@ class ARCO(nn.Module):
         out = self.net(batch["image"])
         sup = self._sup(out.logits, batch["label"], batch["labeled"])
         with torch.no_grad():
-            t = self.teacher["net"](batch["image2"])
-            t_glob = F.normalize(self.teacher["heads"]["glob"](t.enc[-1]), dim=1)
+            t = self.teacher_net(batch["image2"])
+            t_glob = F.normalize(self.teacher_heads["glob"](t.enc[-1]), dim=1)
             t_logits = align(t.logits, batch["theta2"], batch["theta"])  # onto view 1's grid
-            t_loc = self._local(self.teacher["heads"]["loc"], t_logits)
+            t_loc = self._local(self.teacher_heads["loc"], t_logits)
             keep = torch.randperm(t_loc.shape[0], device=t_loc.device)[: c.queue_size]
             if int(self.global_queue.filled) == 0:  # first step: real embeddings, not the random start
                 self.global_queue.push(t_glob)
@@ -197,7 +204,7 @@ class ARCO(nn.Module):
         x, y, lab = batch["image"], batch["label"], batch["labeled"].bool()
         nb, _, h, w = x.shape
         with torch.no_grad():
-            t = self.teacher["net"](x)
+            t = self.teacher_net(x)
             conf, plabel = torch.softmax(t.logits.float(), dim=1).max(dim=1)
             target = torch.where(lab[:, None, None], y, plabel)
             conf = torch.where(lab[:, None, None], torch.ones_like(conf), conf)
@@ -231,7 +238,10 @@ class ARCO(nn.Module):
         valid = (target >= 0) & (lab[:, None, None] | (conf >= c.anchor_confidence))
         cls_map = torch.where(valid, target, torch.full_like(target, -1))
         # sampled pixels: anchors (student) and prototype pixels (teacher) of each class present
-        a_pts, a_cls, p_pts, p_cls = [], [], [], []
+        a_pts: list[torch.Tensor] = []
+        a_cls: list[torch.Tensor] = []
+        p_pts: list[torch.Tensor] = []
+        p_cls: list[torch.Tensor] = []
         for k in torch.unique(cls_map[cls_map >= 0]).tolist():
             b, yy, xx = torch.nonzero(cls_map == k, as_tuple=True)
             for n, pts, cls in ((c.num_queries, a_pts, a_cls), (c.prototype_samples, p_pts, p_cls)):
@@ -239,9 +249,9 @@ class ARCO(nn.Module):
                 pts.append(torch.stack([b[i], yy[i], xx[i]]))
                 cls.append(torch.full((i.numel(),), k, device=dev, dtype=torch.long))
         g = c.nn_grid
-        centres = ((torch.arange(g, device=dev) + 0.5) * h / g).long(), ((torch.arange(g, device=dev) + 0.5) * w / g).long()
+        mid = torch.arange(g, device=dev) + 0.5
+        gy, gx = torch.meshgrid((mid * h / g).long(), (mid * w / g).long(), indexing="ij")
         ub = torch.nonzero(~lab).flatten()
-        gy, gx = torch.meshgrid(*centres, indexing="ij")
         nn_pts = torch.stack(
             [ub.repeat_interleave(g * g), gy.flatten().repeat(ub.numel()), gx.flatten().repeat(ub.numel())]
         )
@@ -254,9 +264,11 @@ class ARCO(nn.Module):
         zero = out.logits.sum() * 0.0
         if s_pts.shape[1] < 2:
             return zero, zero
-        s_rep = self._rep(self.heads["rep"], point_features([out.enc[-1], *out.dec], *s_pts, (h, w)))
+        s_feat = point_features([out.enc[-1], *out.dec], s_pts[0], s_pts[1], s_pts[2], (h, w))
+        s_rep = self._rep(self.heads["rep"], s_feat)
         with torch.no_grad():
-            t_rep = self._rep(self.teacher["heads"]["rep"], point_features([t.enc[-1], *t.dec], *t_pts, (h, w)))
+            t_feat = point_features([t.enc[-1], *t.dec], t_pts[0], t_pts[1], t_pts[2], (h, w))
+            t_rep = self._rep(self.teacher_heads["rep"], t_feat)
         na, npr = a.shape[1], p.shape[1]
         anchors, s_nn = s_rep[:na], s_rep[na:]
         protos, t_nn = t_rep[:npr], t_rep[npr:]

@@ -24,7 +24,11 @@ SAMPLERS = ("sg", "sag", "ns", "index_order")
 
 
 class FifoQueue(nn.Module):
-    """K x D ring buffer of L2-normalised embeddings (starts random-normalised, as ISD and the code)."""
+    """K x D ring buffer of L2-normalised embeddings; `valid()` = the entries pushed so far."""
+
+    data: torch.Tensor
+    ptr: torch.Tensor
+    filled: torch.Tensor
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -51,6 +55,11 @@ class FifoQueue(nn.Module):
 
 class ClassBank(nn.Module):
     """One FIFO bank per class of sampled teacher pixel embeddings, each with its grid cell (for SG)."""
+
+    emb: torch.Tensor
+    cell: torch.Tensor
+    ptr: torch.Tensor
+    filled: torch.Tensor
 
     def __init__(self, num_classes: int, size: int, dim: int) -> None:
         super().__init__()
@@ -146,11 +155,15 @@ def point_features(
         y0, x0 = sy.floor().long(), sx.floor().long()
         y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
         wy, wx = sy - y0.to(f.dtype), sx - x0.to(f.dtype)
-        # one gather of the four corners (one scatter in backward), from a view: no copy of the map
-        pix = torch.cat([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
-        corners = f.flatten(2)[b.repeat(4), :, pix].view(4, n, c)
-        weights = torch.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])[:, :, None]
-        cols.append((corners * weights).sum(0))
+        # one gather of the four corners (one scatter in backward) from a channels-last copy of the map
+        flat = f.permute(0, 2, 3, 1).reshape(nb * h * w, c)
+        base = b * (h * w)
+        pix = torch.cat([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1])
+        v = flat.index_select(0, pix).view(4, n, c)
+        wy, wx = wy[:, None], wx[:, None]
+        top = torch.addcmul(v[0] * (1 - wx), v[1], wx)
+        bottom = torch.addcmul(v[2] * (1 - wx), v[3], wx)
+        cols.append(torch.addcmul(top * (1 - wy), bottom, wy))
     return torch.cat(cols, dim=1)
 
 

@@ -7,12 +7,15 @@ method that wants a momentum encoder. Pure functions over modules, no base class
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 
-def make_teacher(net: nn.Module) -> nn.Module:
+
+def make_teacher(net: M) -> M:
     """A deep copy of `net` whose parameters take no gradient (the optimiser never sees them)."""
     teacher = copy.deepcopy(net)
     for p in teacher.parameters():
@@ -39,7 +42,7 @@ def update_ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         missing = sorted((t_params.keys() ^ s_params.keys()) | (t_bufs.keys() ^ s_bufs.keys()))
         raise ValueError(f"teacher and student differ in structure, e.g. at '{missing[0]}'")
     weight = 1.0 - momentum
-    tp = [t_params[k] for k in t_params]
+    tp: list[torch.Tensor] = [t_params[k] for k in t_params]
     sp = [s_params[k].detach() for k in t_params]
     if tp:
         torch._foreach_lerp_(tp, sp, weight)
