@@ -111,6 +111,8 @@ class GCL(nn.Module):
         self.pixel_head = DenseHead(channels, g.proj_hidden, g.pixel_dim, spatial_dims=net.spatial_dims)
         self._feat: torch.Tensor | None = None  # the bottleneck of the last training_step, for backward
         self._conflicts = torch.zeros(())  # conflict fraction measured by the previous backward (a log)
+        self._seed = int(cfg.train.seed)
+        self._step = 0  # PCGrad's random task order is drawn from (seed, step): same on every rank, resumable
 
     def meta_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         """M x B integer codes of the configured meta labels (-1 = missing)."""
@@ -195,9 +197,10 @@ class GCL(nn.Module):
         if feat is None:
             raise RuntimeError("GCL.backward needs the features of a training_step in the same step")
         tasks = self.task_losses(losses)
+        gen = torch.Generator().manual_seed(self._seed * 1_000_003 + self._step)
         if self.surgery_on == "features":
             conflicts = backward_on_features(
-                tasks, feat, self.head_parameters(), self.combine, scope=self.surgery_scope
+                tasks, feat, self.head_parameters(), self.combine, scope=self.surgery_scope, generator=gen
             )
         else:
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -205,6 +208,9 @@ class GCL(nn.Module):
             # their sum / world is the global gradient, identical on all ranks before PCGrad
             reduce = (lambda t: all_reduce_sum(t) / world) if world > 1 else None
             conflicts = backward_on_parameters(
-                tasks, list(self.net.parameters()), self.head_parameters(), self.combine, reduce=reduce
+                tasks, list(self.net.parameters()), self.head_parameters(), self.combine, gen, reduce=reduce
             )
         self._conflicts = conflicts.detach().float()
+
+    def on_step_end(self, step: int) -> None:
+        self._step = step + 1
