@@ -210,6 +210,7 @@ class ARCOConfig:
     # stage 1, relational pre-training: L_sup + L_inst^global + L_inst^local
     tau_s: float = 0.1  # student temperature of the relational KL (paper and code)
     tau_t: float = 0.01  # teacher temperature (paper; the code uses 0.1)
+    relational_slices: str = "unlabeled"  # unlabeled (paper) | all (code: labelled slices too)
     queue_size: int = 36  # teacher embeddings in each relational queue (code: K = 36)
     global_hidden: int = 256  # global projector bottleneck -> 256 -> 512 (code)
     global_dim: int = 512

@@ -225,3 +225,12 @@ def test_class_bank_is_a_per_class_fifo():
         assert sorted(bank.emb[c, :n, 0].tolist()) == sorted(pushed[c][-4:])
     slots, cls, _ = bank.candidates(exclude=1)
     assert (cls != 1).all() and slots.numel() == int(bank.filled[0] + bank.filled[2])
+
+
+def test_relational_losses_use_the_unlabelled_slices_unless_told_otherwise():
+    batch = _batch()
+    batch["labeled"] = torch.ones(4, dtype=torch.bool)  # no unlabelled slice in this batch
+    paper = _method("pretrain").training_step(batch)
+    assert paper["global"] == 0 and paper["local"] == 0 and paper["loss"].requires_grad
+    code = _method("pretrain", "arco.relational_slices=all").training_step(batch)
+    assert code["global"] > 0 and code["local"] > 0

@@ -19,6 +19,7 @@ module and saved in its state dict; every batch mixes labelled and unlabelled sl
 
 Paper vs code (docs/methods.md section 4), paper by default:
 - teacher temperature tau_t = 0.01 (code 0.1: `arco.tau_t`);
+- relational losses on the unlabelled slices (code: every slice: `arco.relational_slices=all`);
 - L_nn trains the student (code: teacher distances only, no gradient: `arco.nn_student_grad=false`);
 - SG groups = (class, cell of a G x G image grid) (code: blocks of the candidates' index order:
   `arco.sampler=index_order`); for bank negatives, which have no position, SAG falls back to SG;
@@ -67,6 +68,8 @@ def _check(c: Any, spec: Any, net: nn.Module) -> None:
         raise unknown_choice("arco.sampler", c.sampler, SAMPLERS)
     if c.eval_net not in ("teacher", "student"):
         raise unknown_choice("arco.eval_net", c.eval_net, ("teacher", "student"))
+    if c.relational_slices not in ("unlabeled", "all"):
+        raise unknown_choice("arco.relational_slices", c.relational_slices, ("unlabeled", "all"))
     if c.unsup_mode not in ("mask", "weight"):
         raise unknown_choice("arco.unsup_mode", c.unsup_mode, ("mask", "weight"))
     if not 0.0 <= c.ema_momentum <= 1.0:
@@ -179,21 +182,31 @@ class ARCO(nn.Module):
     def _pretrain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         c = self.c
         out = self.net(batch["image"])
-        sup = self._sup(out.logits, batch["label"], batch["labeled"])
+        lab = batch["labeled"].bool()
+        sup = self._sup(out.logits, batch["label"], lab)
+        # heads run on every slice (same BatchNorm calls on every DDP rank); the relational losses and the
+        # queues use the unlabelled slices (paper) or all of them (code: `arco.relational_slices=all`)
+        rows = ~lab if c.relational_slices == "unlabeled" else torch.ones_like(lab)
         with torch.no_grad():
             t = self.teacher_net(batch["image2"])
             t_glob = F.normalize(self.teacher_heads["glob"](t.enc[-1]), dim=1)
             t_logits = align(t.logits, batch["theta2"], batch["theta"])  # onto view 1's grid
             t_loc = self._local(self.teacher_heads["loc"], t_logits)
+            patch_rows = rows.repeat_interleave(t_loc.shape[0] // rows.numel())
+            t_glob, t_loc = t_glob[rows], t_loc[patch_rows]
             keep = torch.randperm(t_loc.shape[0], device=t_loc.device)[: c.queue_size]
             if int(self.global_queue.filled) == 0:  # first step: real embeddings, not the random start
                 self.global_queue.push(t_glob)
                 self.local_queue.push(t_loc[keep])
-        s_glob = F.normalize(self.predictors["glob"](self.heads["glob"](out.enc[-1])), dim=1)
-        s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)
-        l_glob = relational_kl(s_glob, t_glob, self.global_queue.valid(), c.tau_s, c.tau_t)
-        l_loc = relational_kl(s_loc, t_loc, self.local_queue.valid(), c.tau_s, c.tau_t)
-        self._pending = {"glob": t_glob, "loc": t_loc[keep]}
+        s_glob = F.normalize(self.predictors["glob"](self.heads["glob"](out.enc[-1])), dim=1)[rows]
+        s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)[patch_rows]
+        zero = out.logits.sum() * 0.0
+        if bool(rows.any()):
+            l_glob = relational_kl(s_glob, t_glob, self.global_queue.valid(), c.tau_s, c.tau_t)
+            l_loc = relational_kl(s_loc, t_loc, self.local_queue.valid(), c.tau_s, c.tau_t)
+            self._pending = {"glob": t_glob, "loc": t_loc[keep]}
+        else:
+            l_glob = l_loc = zero + s_glob.sum() * 0.0 + s_loc.sum() * 0.0
         loss = sup + c.global_weight * l_glob + c.local_weight * l_loc
         return {"loss": loss, "sup": sup.detach(), "global": l_glob.detach(), "local": l_loc.detach()}
 
