@@ -6,6 +6,8 @@ Runs in worker processes (one plan per task); it returns a small `Converted` rec
 
 from __future__ import annotations
 
+import errno
+
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,10 @@ def convert_plan(plan: SeriesPlan, out_path: str) -> Converted:
         return Converted("failed:codec", str(exc))
     except MemoryError:
         return Converted("failed:memory", "not enough memory to hold this series")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # a full disk stops the whole ingest (exit 7), it is no series' fault
+            raise
+        return Converted("failed:pixels", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one broken series never stops the others
         return Converted("failed:pixels", f"{type(exc).__name__}: {exc}")
 
@@ -255,16 +261,22 @@ def write_volume(image: sitk.Image, path: Path) -> Path:
     os.close(fd)
     gz_tmp = raw_tmp + ".gz"
     try:
-        sitk.WriteImage(image, raw_tmp, False)
-        with open(raw_tmp, "rb") as src:
-            payload = src.read()
-        with open(gz_tmp, "wb") as dst:
-            dst.write(gz_compress(payload, level, mtime=0))
-        back = sitk.ReadImage(gz_tmp)
-        if not same_grid(image, back, tol=1e-4):
-            raise ValueError(f"written image {path.name} does not read back on the same grid")
-        if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
-            raise ValueError(f"written image {path.name} does not read back with the same voxels")
+        try:
+            sitk.WriteImage(image, raw_tmp, False)
+            with open(raw_tmp, "rb") as src:
+                payload = src.read()
+            with open(gz_tmp, "wb") as dst:
+                dst.write(gz_compress(payload, level, mtime=0))
+            back = sitk.ReadImage(gz_tmp)
+            if not same_grid(image, back, tol=1e-4):
+                raise ValueError(f"written image {path.name} does not read back on the same grid")
+            if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
+                raise ValueError(f"written image {path.name} does not read back with the same voxels")
+        except (RuntimeError, ValueError, OSError):
+            from medcl_cli.data.integrity import raise_if_disk_full
+
+            raise_if_disk_full(path.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent())
+            raise
         os.replace(gz_tmp, path)
     finally:
         for t in (raw_tmp, gz_tmp):

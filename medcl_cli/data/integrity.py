@@ -89,3 +89,22 @@ def nonfinite_voxels(path: Path, image: sitk.Image) -> int:
     else:
         arr = sitk.GetArrayViewFromImage(image)
     return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
+DISK_MARGIN = 256 << 10  # a write that failed with less than this free (plus its own size) is a full disk
+
+
+def raise_if_disk_full(folder: str | Path, needed: int = 0) -> None:
+    """Raise OSError(ENOSPC) when `folder`'s file system cannot take `needed` more bytes.
+
+    Called after a write failed: ITK and torch report a full disk as a generic RuntimeError (or not at
+    all, leaving a short file), so the CLI could not otherwise give exit 7 with its hint."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed + DISK_MARGIN:
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))

@@ -66,13 +66,19 @@ def write_image(image: sitk.Image, path: str | Path, verify: bool = True, compre
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
-        if verify:
-            back = sitk.ReadImage(tmp)
-            if not same_grid(image, back, tol=1e-4):
-                raise InvalidDataError(f"written image {p} does not read back on the same grid")
-            if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
-                raise InvalidDataError(f"written image {p} does not read back with the same voxels")
+        try:
+            sitk.WriteImage(image, tmp, compress)
+            if verify:
+                back = sitk.ReadImage(tmp)
+                if not same_grid(image, back, tol=1e-4):
+                    raise InvalidDataError(f"written image {p} does not read back on the same grid")
+                if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
+                    raise InvalidDataError(f"written image {p} does not read back with the same voxels")
+        except (RuntimeError, InvalidDataError):
+            from medcl_cli.data.integrity import raise_if_disk_full
+
+            raise_if_disk_full(p.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent())
+            raise
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

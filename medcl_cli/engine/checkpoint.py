@@ -32,10 +32,16 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=p.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except (RuntimeError, OSError):
+            from medcl_cli.data.integrity import raise_if_disk_full
+
+            raise_if_disk_full(p.parent)  # torch reports a full disk as a RuntimeError of its zip writer
+            raise
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
