@@ -12,7 +12,7 @@ DIR/new_scans/<PatientID>/...             one more patient, no masks: what predi
 DIR/demo.yaml                             the CPU-sized config the training commands use (--config)
 DIR/data/                                 medcl ingest output (dataset folder)
 DIR/runs/gcl/  DIR/runs/ft/               pretrain and finetune run folders (run.json, curves.png, ...)
-DIR/runs/ft/eval_test/                    medcl evaluate output (summary, per-case CSV, overlays/*.png)
+DIR/runs/ft/eval_test/                    medcl evaluate output (summary, per-case CSV, overlays/*.png, report.html)
 DIR/preds/                                medcl predict output for the new patient's DICOM series
 ```
 Every ingested patient has mask series, so the val and test splits (drawn by ingest, per patient) always
@@ -165,7 +165,7 @@ def training_commands(out: Path, size: DemoSize, labelled: int, predict_input: P
          "--steps", str(size.pretrain_steps), "--out", str(gcl)],
         ["finetune", "--data", str(data), "--init-from", str(gcl), "--labeled", str(labelled), "--config", str(cfg),
          "--steps", str(size.finetune_steps), "--out", str(ft)],
-        ["evaluate", str(ft), "--data", str(data), "--split", "test", "--overlays"],
+        ["evaluate", str(ft), "--data", str(data), "--split", "test", "--overlays", "--report"],
         ["predict", str(ft), str(predict_input), "--out", str(out / "preds")],
     ]
 
@@ -181,6 +181,7 @@ class DemoResults:
     n_cases: int
     eval_dir: Path
     overlays: list[Path]
+    report: Path | None  # report.html of the evaluation (tables, plots, cases on one page)
     curves: list[Path]
     predictions: list[Path]
     best_val_dice: float | None
@@ -200,6 +201,7 @@ def read_results(out: Path) -> DemoResults:
         n_cases=int(js.get("n_cases", 0)),
         eval_dir=eval_dir,
         overlays=sorted((eval_dir / "overlays").glob("*.png")),
+        report=eval_dir / "report.html" if (eval_dir / "report.html").is_file() else None,
         curves=[p for p in (out / "runs" / "gcl" / "curves.png", out / "runs" / "ft" / "curves.png") if p.is_file()],
         predictions=sorted((out / "preds").glob("*.nii.gz")),
         best_val_dice=float(best) if isinstance(best, (int, float)) else None,

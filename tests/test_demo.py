@@ -108,6 +108,7 @@ def test_demo_small_end_to_end(tmp_path: Path, capsys) -> None:
     assert ft["init_from"] and len(ft["labeled_patients"]) == SIZES["small"].labeled
     assert "results on the test split" in cap.out and "mean_foreground" in cap.out
     assert len(list((out / "runs" / "ft" / "eval_test" / "overlays").glob("*.png"))) >= 1
+    assert (out / "runs" / "ft" / "eval_test" / "report.html").is_file() and "report.html" in cap.out
     preds = sorted((out / "preds").glob("*.nii.gz"))
     assert len(preds) == 2  # the new patient's ED and ES series
     pred = sitk.ReadImage(str(preds[0]))

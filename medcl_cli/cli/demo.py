@@ -94,6 +94,8 @@ def demo(
     if res.best_val_dice is not None:
         console.result(f"best validation Dice during fine-tuning: {res.best_val_dice:.3f}")
     console.result("pictures:")
+    if res.report is not None:
+        console.result(f"  report (tables, plots, every case on one page): {res.report}")
     console.result(f"  overlays (image | reference | prediction): {res.eval_dir / 'overlays'} ({len(res.overlays)} PNG)")
     for c in res.curves:
         console.result(f"  training curves: {c}")
