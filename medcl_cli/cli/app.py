@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         if exc.errno == errno.ENOSPC:
             console.print_error(f"disk full while writing {exc.filename or 'output'}", "free space or write elsewhere")
             sys.exit(EXIT_RESOURCE)
+        if exc.errno in (errno.ENOTDIR, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.EEXIST):
+            from medcl_cli.errors import EXIT_OUTPUT
+
+            console.print_error(f"cannot write {exc.filename or 'the output'}: {exc.strerror}",
+                                "give an --out folder you can write to (a path under a file or a read-only mount fails)")
+            sys.exit(EXIT_OUTPUT)
         _internal(exc)
         sys.exit(EXIT_INTERNAL)
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a short message

@@ -111,9 +111,11 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
         raise InputNotFoundError(f"--labels folder not found: {req.labels_dir}", "check the path")
     out = req.out.resolve()
     _check_output(out, req.overwrite)
+    _remove_stale_work(out)
     work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     (work / "images").mkdir(parents=True)
     (work / "labels").mkdir()
+    (work / ".pid").write_text(str(os.getpid()))
     try:
         result = _ingest_into(req, work, out, keywords, public, phi, meta_table, split_map, rep)
         _swap_into_place(work, out)
@@ -121,6 +123,22 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale_work(out: Path) -> None:
+    """Delete the half-written work folders of ingests into `out` that were killed (kill -9, power loss):
+    their process is gone, so nothing will finish or clean them."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int((stale / ".pid").read_text())
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # another ingest into the same --out is running: leave it alone
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # no readable pid (not ours, or still being created)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_into_place(work: Path, out: Path) -> None:

@@ -1,0 +1,294 @@
+"""Faults: kill -9 in the middle of ingest, pretrain, finetune and predict (real subprocesses of the CLI), then
+run again; a full disk (a 2 MB tmpfs when mount is allowed, else ENOSPC simulated in-process); out of memory
+(simulated in the forward pass); an output that cannot be written; damaged checkpoints given to every command.
+
+What must hold: ingest leaves no half dataset and the next run completes; training resumes from last.pt and
+ends bit-identical to an uninterrupted deterministic run; predict completes the missing cases only; resource
+exhaustion exits 7 and an unwritable output 6, each with a hint and no traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+import dicomgen as g
+import volumes as V
+from test_bad_inputs import all_paths, assert_clean, tree_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed subprocess runs with one thread too: identical kernels, identical sums
+    yield
+    torch.set_num_threads(n)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def kill9_when(args: list[str], pattern: str = "", path: Path | None = None, timeout: float = 240.0) -> list[str]:
+    """Start `medcl ARGS` and send SIGKILL as soon as a stderr line matches `pattern` or `path` exists
+    (polled every few ms, for phases that print nothing); returns the stderr lines read."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "medcl_cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (pattern and any(re.search(pattern, ln) for ln in list(lines))) or (path is not None and path.exists()):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.003)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait(timeout=30)
+        reader.join(timeout=5)
+    assert proc.returncode == -signal.SIGKILL, f"not killed (exit {proc.returncode}):\n{''.join(lines)}"
+    return lines
+
+
+def medcl(capsys, *args: str) -> tuple[int, str, str]:
+    return V.run_cli(capsys, *args)
+
+
+# ---------------------------------------------------------------- kill -9
+def test_kill9_ingest_leaves_no_half_dataset(tmp_path, capsys):
+    src = tmp_path / "in"
+    for i in range(12):
+        g.write_series(src / f"s{i:02d}", g.volume(6, 24, 24, seed=i), description=f"series {i}")
+    before = tree_digest(src)
+    out = tmp_path / "ds"
+    kill9_when(["ingest", str(src), "--out", str(out), "--workers", "1"], r"converting series: [1-9]")
+    assert not out.exists()  # the dataset appears only when complete (built aside, renamed into place)
+    assert tree_digest(src) == before
+    code, stdout, err = medcl(capsys, "ingest", str(src), "--out", str(out), "--workers", "1")
+    assert_clean(code, stdout, err, 0)
+    assert len(list((out / "images").glob("*.nii.gz"))) == 12
+    assert not list(tmp_path.glob(".ds.tmp-*"))  # the killed run's work folder was cleaned by the next run
+    assert all_paths(tmp_path) - all_paths(src) - {str(src)} <= all_paths(out) | {str(out)}
+
+
+TRAIN_ARGS = ["--image-size", "32", "--device", "cpu", "--deterministic", "--seed", "7",
+              "--batch-size", "4", "--set", "model.channels=[8,16,32]", "--set", "train.checkpoint_every=1",
+              "--set", "train.val_every=2", "--set", "train.log_every=1"]
+
+
+@pytest.mark.parametrize("stage,method,steps", [("finetune", "supervised", 8), ("pretrain", "simclr", 30)])
+def test_kill9_training_resumes_to_the_same_weights(tiny_dataset, tmp_path, capsys, stage, method, steps):
+    from medcl_cli.engine import checkpoint
+
+    args = [stage, "--data", str(tiny_dataset), "--method", method, *TRAIN_ARGS, "--steps", str(steps)]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    code, out, err = medcl(capsys, *args, "--out", str(full))
+    assert_clean(code, out, err, 0)
+    kill9_when([*args, "--out", str(cut)], path=cut / "checkpoints" / "last.pt")
+    last = cut / "checkpoints" / "last.pt"
+    assert last.is_file() and 1 <= checkpoint.load(last)["step"] < steps
+    assert json.loads((cut / "run.json").read_text()).get("status") != "completed"
+    code, out, err = medcl(capsys, stage, "--resume", str(cut))
+    assert_clean(code, out, err, 0)
+    a, b = checkpoint.load(full / "checkpoints" / "last.pt"), checkpoint.load(last)
+    assert a["step"] == b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not list(cut.rglob(".tmp-*"))
+
+
+def test_kill9_predict_completes_only_missing_cases(tmp_path, capsys):
+    run = V.write_run(tmp_path / "run")
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in range(8):
+        img, _ = V.blob_volume((96, 88, 8), seed=200 + i)
+        sitk.WriteImage(V.oblique_image(img), str(src / f"scan{i}.nii.gz"))
+    out = tmp_path / "preds"
+    kill9_when(["predict", str(run), str(src), "--out", str(out), "--device", "cpu", "--batch-size", "2"],
+               path=out / "scan1.json")
+    done = {p.name[:-5] for p in out.glob("*.json")}
+    assert 1 <= len(done) < 8
+    code, stdout, err = medcl(capsys, "predict", str(run), str(src), "--out", str(out), "--device", "cpu", "--json")
+    assert_clean(code, stdout, err, 0)
+    res = json.loads(stdout)
+    assert sorted(res["skipped"]) == sorted(done) and sorted(res["written"]) == sorted({f"scan{i}" for i in range(8)} - done)
+    for i in range(8):
+        assert sitk.ReadImage(str(out / f"scan{i}.nii.gz")).GetSize() == (96, 88, 8)
+
+
+# ---------------------------------------------------------------- damaged checkpoints through every command
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    good = V.write_run(root / "good")
+    data = (good / "checkpoints" / "best.pt").read_bytes()
+    runs = {}
+    for kind, payload in (("truncated", data[: len(data) // 3]), ("zeroed", bytes(len(data))), ("empty", b""),
+                          ("text", b"not a checkpoint\n")):
+        r = root / kind
+        (r / "checkpoints").mkdir(parents=True)
+        (r / "checkpoints" / "best.pt").write_bytes(payload)
+        shutil.copy(good / "run.json", r / "run.json")
+        runs[kind] = r
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zeroed", "empty", "text"])
+def test_damaged_checkpoint_is_a_clear_error(damaged_runs, kind, tmp_path, capsys):
+    run = damaged_runs[kind]
+    data = V.write_dataset(tmp_path / "data", {"c0": "train", "c1": "val"})
+    scan = data / "images" / "c1.nii.gz"
+    for args in (["predict", str(run), str(scan), "--out", str(tmp_path / "p"), "--device", "cpu"],
+                 ["evaluate", str(run), "--data", str(data), "--split", "val", "--out", str(tmp_path / "e"),
+                  "--device", "cpu"],
+                 ["predict", str(run / "checkpoints" / "best.pt"), str(scan), "--out", str(tmp_path / "p2")]):
+        code, out, err = medcl(capsys, *args)
+        assert_clean(code, out, err, 4)
+        assert "checkpoint" in err
+    code, out, err = medcl(capsys, "finetune", "--data", str(data), "--init-from", str(run), "--out",
+                           str(tmp_path / "ft"), "--steps", "1", "--image-size", "16", "--device", "cpu")
+    assert_clean(code, out, err, 4)
+
+
+def test_resume_from_a_truncated_last_checkpoint(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = medcl(capsys, "finetune", "--data", str(tiny_dataset), "--out", str(run), "--steps", "1",
+                           "--image-size", "16", "--device", "cpu", "--set", "model.channels=[4,8]")
+    assert_clean(code, out, err, 0)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:500])
+    code, out, err = medcl(capsys, "finetune", "--resume", str(run), "--steps", "2")
+    assert_clean(code, out, err, 4)
+    assert "truncated or corrupted" in err
+
+
+# ---------------------------------------------------------------- disk full, out of memory, unwritable output
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 2 MB tmpfs filled up to ~0 bytes free; None when mounting is not permitted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    if not ok:
+        yield None
+        return
+    try:
+        with open(mnt / "filler", "wb") as fh:
+            try:
+                fh.write(bytes(3 << 20))
+            except OSError:
+                pass
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_exits_7(small_disk, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in"
+    g.write_series(src / "s", g.volume(6, 32, 32))
+    run = V.write_run(tmp_path / "run")
+    scan = tmp_path / "scan.nii.gz"
+    img, _ = V.blob_volume((40, 40, 5), seed=3)
+    sitk.WriteImage(V.oblique_image(img), str(scan))
+    if small_disk is None:  # no mount permission: the writers fail with ENOSPC in-process
+        small_disk = tmp_path / "sim"
+        real_write = sitk.WriteImage
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device", str(a[1]))
+
+        monkeypatch.setattr(sitk, "WriteImage", full)
+        del real_write
+    before = tree_digest(src)
+    for args in (["ingest", str(src), "--out", str(small_disk / "ds"), "--workers", "1"],
+                 ["predict", str(run), str(scan), "--out", str(small_disk / "p"), "--device", "cpu"]):
+        code, out, err = medcl(capsys, *args)
+        assert_clean(code, out, err, 7)
+        assert "disk full" in err and "free space" in err
+    assert not (small_disk / "ds").exists()
+    assert not list((small_disk / "p").glob("*.nii.gz")) if (small_disk / "p").exists() else True
+    assert tree_digest(src) == before
+
+
+def test_checkpoint_write_on_full_disk_exits_7(tiny_dataset, tmp_path, capsys, monkeypatch):
+    """torch reports ENOSPC as a RuntimeError of its zip writer; the CLI still says 'disk full' (exit 7)."""
+    import shutil as sh
+
+    from medcl_cli.engine import checkpoint
+
+    def broken_save(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(100, 100, 0))
+    code, out, err = medcl(capsys, "finetune", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--steps",
+                           "1", "--image-size", "16", "--device", "cpu", "--set", "model.channels=[4,8]")
+    assert_clean(code, out, err, 7)
+    assert "disk full" in err
+
+
+@pytest.mark.parametrize("exc", ["cuda", "host"])
+def test_out_of_memory_exits_7_with_a_hint(tiny_dataset, tmp_path, capsys, monkeypatch, exc):
+    from medcl_cli.models.unet import UNet
+
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if exc == "cuda" else MemoryError()
+
+    def oom(self, *a, **k):
+        raise error
+
+    monkeypatch.setattr(UNet, "forward", oom)
+    code, out, err = medcl(capsys, "finetune", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--steps",
+                           "2", "--image-size", "16", "--device", "cpu", "--set", "model.channels=[4,8]")
+    assert_clean(code, out, err, 7)
+    assert "memory" in err and ("--batch-size" in err or "--image-size" in err)
+    run = V.write_run(tmp_path / "r2")
+    scan = tmp_path / "scan.nii.gz"
+    img, _ = V.blob_volume((40, 40, 5), seed=3)
+    sitk.WriteImage(V.oblique_image(img), str(scan))
+    code, out, err = medcl(capsys, "predict", str(run), str(scan), "--out", str(tmp_path / "p"), "--device", "cpu")
+    assert_clean(code, out, err, 7)
+    assert "--batch-size" in err
+
+
+def test_unwritable_output_exits_6(tiny_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    src = tmp_path / "in"
+    g.write_series(src / "s", g.volume(4))
+    run = V.write_run(tmp_path / "run")
+    scan = tmp_path / "scan.nii.gz"
+    img, _ = V.blob_volume((40, 40, 5), seed=3)
+    sitk.WriteImage(V.oblique_image(img), str(scan))
+    for args in (["ingest", str(src), "--out", str(blocker / "ds")],
+                 ["predict", str(run), str(scan), "--out", str(blocker / "p"), "--device", "cpu"],
+                 ["finetune", "--data", str(tiny_dataset), "--out", str(blocker / "run"), "--steps", "1",
+                  "--image-size", "16", "--device", "cpu"],
+                 ["evaluate", str(run), "--data", str(V.write_dataset(tmp_path / "d", {"c0": "val"})), "--split", "val",
+                  "--out", str(blocker / "e"), "--device", "cpu"],
+                 ["export", str(tiny_dataset), "--format", "monai", "--out", str(blocker / "x")]):
+        code, out, err = medcl(capsys, *args)
+        assert_clean(code, out, err, 6)
+    assert blocker.read_text() == "x"
