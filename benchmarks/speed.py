@@ -2,8 +2,10 @@
 
     python benchmarks/speed.py [--batch-size 8] [--image-size 128] [--steps 10] [--device auto] [--out DIR]
 
-For every method in `medcl_cli.methods.REGISTRY` (each measured in its own fresh process, so peak memory
-is that method's): the median seconds per training step (forward + method loss + backward + optimizer)
+For every method in `medcl_cli.methods.REGISTRY`: the peak memory measured in a fresh process per method,
+and the median seconds per training step measured with all methods taking turns step by step in one
+process (so background load on a shared machine hits every method alike; `--no-interleave` reports the
+per-process times instead) (forward + method loss + backward + optimizer)
 and the peak memory (RSS on CPU, max allocated on CUDA) at the same batch and image size, and the ratio of
 each to `supervised` measured in the same run. Also: the supervised step against a plain MONAI `BasicUNet`
 of the same widths trained with the same loss (target: ours at least as fast), the fraction of machine
@@ -47,91 +49,109 @@ def _dataset(image_size: int, root: Path) -> Path:
     return data
 
 
-def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Step time, data time and peak memory of method `key` (or `basicunet`) in this process."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+class Bench:
+    """One method (or `basicunet`) built on the benchmark batch; `step(t)` times one training step."""
 
-    from medcl_cli.config import load_config
-    from medcl_cli.data.augment import make_views
-    from medcl_cli.data.batches import BatchSource, labeled_patients, make_sampler, mark_labeled
-    from medcl_cli.data.dataset import open_slices
-    from medcl_cli.engine.device import autocast, resolve_device, resolve_precision
-    from medcl_cli.engine.optim import build_optimizer
-    from medcl_cli.engine.protocol import DataSpec, call_backward, on_step_end
-    from medcl_cli.methods import get_info, load_method_class
-    from medcl_cli.methods.supervised import Supervised, dice_ce
-    from medcl_cli.models.unet import build_unet
+    def __init__(self, key: str, args: argparse.Namespace) -> None:
+        import torch
 
-    device = resolve_device(args.device)
-    method_key = "supervised" if key == "basicunet" else key
-    cfg = load_config(sets=[f"method={method_key}", f"data.image_size={args.image_size}"])
-    dtype = resolve_precision(cfg.train.precision, device)
-    slices = open_slices(_dataset(args.image_size, Path(args.data_root)), cfg.data)
-    mark_labeled(slices, labeled_patients(slices, "3", 0))
-    spec = DataSpec(slices.num_classes, slices.meta_cardinality, get_info(method_key).stages[0], 1)
-    torch.manual_seed(0)
-    net = build_unet(cfg.model, slices.num_classes)
-    if key == "basicunet":
-        from monai.networks.nets import BasicUNet
+        from medcl_cli.config import load_config
+        from medcl_cli.data.batches import BatchSource, labeled_patients, make_sampler, mark_labeled
+        from medcl_cli.data.dataset import open_slices
+        from medcl_cli.engine.device import resolve_device, resolve_precision
+        from medcl_cli.engine.optim import build_optimizer
+        from medcl_cli.engine.protocol import DataSpec
+        from medcl_cli.methods import get_info, load_method_class
+        from medcl_cli.methods.supervised import dice_ce
+        from medcl_cli.models.unet import build_unet
 
-        c = cfg.model.channels
-        plain = BasicUNet(2, 1, slices.num_classes, features=(*c, c[0]), norm="batch")  # our norm
+        self.key = key
+        self.device = resolve_device(args.device)
+        method_key = "supervised" if key == "basicunet" else key
+        self.cfg = load_config(sets=[f"method={method_key}", f"data.image_size={args.image_size}"])
+        self.dtype = resolve_precision(self.cfg.train.precision, self.device)
+        slices = open_slices(_dataset(args.image_size, Path(args.data_root)), self.cfg.data)
+        mark_labeled(slices, labeled_patients(slices, "3", 0))
+        spec = DataSpec(slices.num_classes, slices.meta_cardinality, get_info(method_key).stages[0], 1)
+        torch.manual_seed(0)
+        if key == "basicunet":
+            from monai.networks.nets import BasicUNet
 
-        class Plain(torch.nn.Module):
-            n_views, needs = 1, {"labeled"}
+            c = self.cfg.model.channels
+            plain = BasicUNet(2, 1, slices.num_classes, features=(*c, c[0]), norm="batch")  # our norm
 
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = plain
+            class Plain(torch.nn.Module):
+                n_views, needs = 1, {"labeled"}
 
-            def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-                return {"loss": dice_ce(self.net(batch["image"]), batch["label"])}
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.net = plain
 
-        method: torch.nn.Module = Plain()
-    else:
-        method = load_method_class(key)(net, cfg, spec)
-    method = method.to(device)
-    if device.type == "cuda":
-        method = method.to(memory_format=torch.channels_last)
-    opt = build_optimizer(method, cfg.optim)
-    needs = set(getattr(method, "needs", {"labeled"}))
-    n_views = int(getattr(method, "n_views", 1))
-    total = args.warmup + args.steps
-    sampler = make_sampler(slices, needs, args.batch_size, 0.5, 0, 0, 1, 0, total)
-    source = BatchSource(slices)
-    step_times, data_times = [], []
-    flops = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for t in range(total):
+                def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+                    return {"loss": dice_ce(self.net(batch["image"]), batch["label"])}
+
+            method: torch.nn.Module = Plain()
+        else:
+            method = load_method_class(key)(build_unet(self.cfg.model, slices.num_classes), self.cfg, spec)
+        self.method = method.to(self.device)
+        if self.device.type == "cuda":
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.opt = build_optimizer(self.method, self.cfg.optim)
+        self.n_views = int(getattr(method, "n_views", 1))
+        needs = set(getattr(method, "needs", {"labeled"}))
+        self.sampler = make_sampler(slices, needs, args.batch_size, 0.5, 0, 0, 1, 0, 10**6)
+        self.source = BatchSource(slices)
+
+    def step(self, t: int, count_flops: bool = False) -> tuple[float, float, int | None]:
+        """(data seconds, step seconds, FLOPs of forward + backward when counted)."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from medcl_cli.data.augment import make_views
+        from medcl_cli.engine.device import autocast
+        from medcl_cli.engine.protocol import call_backward, on_step_end
+
+        dev = self.device
         t0 = time.perf_counter()
-        batch = source[sampler.local_batch(t)]
-        batch = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
-        batch = make_views(batch, n_views, cfg.augment, torch.Generator().manual_seed(t))
-        _sync(device)
+        batch = self.source[self.sampler.local_batch(t)]
+        batch = {k: ({kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else v.to(dev)) for k, v in batch.items()}
+        batch = make_views(batch, self.n_views, self.cfg.augment, torch.Generator().manual_seed(t))
+        _sync(dev)
         t1 = time.perf_counter()
-        count = key in ("supervised", "basicunet") and t == args.warmup - 1
-        ctx = FlopCounterMode(display=False) if count else None
+        ctx = FlopCounterMode(display=False) if count_flops else None
         if ctx is not None:
             ctx.__enter__()
-        with autocast(device, dtype):
-            losses = method.training_step(batch)
-        call_backward(method, losses)
+        with autocast(dev, self.dtype):
+            losses = self.method.training_step(batch)
+        call_backward(self.method, losses)
+        flops = None
         if ctx is not None:
             ctx.__exit__(None, None, None)
             flops = int(ctx.get_total_flops())
-        torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        on_step_end(method, t)
-        _sync(device)
-        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_([p for p in self.method.parameters() if p.grad is not None], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        on_step_end(self.method, t)
+        _sync(dev)
+        return t1 - t0, time.perf_counter() - t1, flops
+
+
+def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Step time, data time and peak memory of method `key` alone in this (fresh) process."""
+    import torch
+
+    bench = Bench(key, args)
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    step_times, data_times, flops = [], [], None
+    for t in range(args.warmup + args.steps):
+        d, s, f = bench.step(t, count_flops=key in ("supervised", "basicunet") and t == args.warmup - 1)
+        flops = f if f is not None else flops
         if t >= args.warmup:
-            step_times.append(t2 - t1)
-            data_times.append(t1 - t0)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            step_times.append(s)
+            data_times.append(d)
+    if bench.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(bench.device) / 2**20
         mem_kind = "cuda max allocated"
     else:
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -139,15 +159,28 @@ def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
         mem_kind = "rss"
     return {
         "key": key,
-        "device": str(device),
+        "device": str(bench.device),
         "threads": torch.get_num_threads(),
         "step_s": statistics.median(step_times),
         "data_s": statistics.median(data_times),
         "peak_mb": peak_mb,
         "memory": mem_kind,
         "flops_per_step": flops,
-        "n_params": sum(p.numel() for p in method.parameters()),
+        "n_params": sum(p.numel() for p in bench.method.parameters()),
     }
+
+
+def interleaved(keys: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Median step seconds per method, all methods in one process taking turns step by step, so load
+    from other processes on a shared machine hits every method alike (ratios stay meaningful)."""
+    benches = {k: Bench(k, args) for k in keys}
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for t in range(args.warmup + args.steps):
+        for k, b in benches.items():
+            _, s, _ = b.step(t)
+            if t >= args.warmup:
+                times[k].append(s)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def matmul_peak(device_spec: str) -> float:
@@ -180,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="", help="comma-separated keys (default: every registered method)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "speed")
     p.add_argument("--data-root", default=str(Path(tempfile.gettempdir()) / "medcl-bench"))
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="report the isolated per-process step times instead of the interleaved ones")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one key, print JSON
     args = p.parse_args(argv)
     if args.one:
@@ -210,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             if rows[key]["step_s"] < row["step_s"]:
                 row = {**rows[key], "repeats_s": row["repeats_s"]}
         rows[key] = row
+    ok = [k for k, r in rows.items() if "step_s" in r]
+    if args.interleave and ok:
+        for k, v in interleaved(ok, args).items():
+            rows[k]["isolated_step_s"] = rows[k]["step_s"]
+            rows[k]["step_s"] = v
     peak = matmul_peak(args.device)
     sup = rows.get("supervised", {})
     for r in rows.values():
@@ -217,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             r["time_ratio"] = r["step_s"] / sup["step_s"]
             r["memory_ratio"] = r["peak_mb"] / sup["peak_mb"]
     summary = {
+        "timing": "interleaved in one process" if args.interleave else "one process per method",
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "device": sup.get("device"),
@@ -238,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(s: dict[str, Any]) -> str:
     lines = [
-        f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']}",
+        f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']}; "
+        f"step times {s['timing']}, peak memory one process per method",
         "",
         "| method | s / step | x supervised | peak MB | x supervised | data s / batch | data / step |",
         "|---|---|---|---|---|---|---|",
