@@ -10,7 +10,8 @@ local loss: its anchor x member pair count and peak memory with the default `pai
 without it (stride pairs grow 16x per doubling of the image side, block pairs 4x).
 Prints Markdown tables, writes results.json.
 
-    python benchmarks/semicl_memory.py --data ../shared/data/acdc --sizes 64 128 256 --out bench_semicl
+    python benchmarks/semicl_memory.py --data ../shared/data/acdc --out bench_semicl
+        (defaults: the CPU preset templates/acdc_cpu.yaml, its batch, its image size x1, x2, x4)
 """
 
 from __future__ import annotations
@@ -60,16 +61,26 @@ def load_batch(data: Path, size: int, batch: int) -> tuple[Any, Any]:
     return torch.cat(images)[:batch].float(), torch.cat(labels)[:batch].long()
 
 
-def _build(config: str, size: int, batch: int, data: str, device: Any) -> tuple[Any, Any]:
+PRESET = Path(__file__).resolve().parents[1] / "templates" / "acdc_cpu.yaml"
+
+
+def _config(preset: str, size: int | None, extra: list[str]) -> Any:
+    from medcl_cli.config import load_config
+
+    files = [preset] if preset else []
+    sets = [f"data.image_size={size}"] if size else []
+    return load_config(files, sets=[*sets, "semicl.stages=[local]", *extra])
+
+
+def _build(config: str, size: int, batch: int, data: str, device: Any, preset: str = "") -> tuple[Any, Any]:
     """(step function, module) of one configuration on the shared batch."""
     import torch
 
-    from medcl_cli.config import load_config
     from medcl_cli.engine.protocol import DataSpec
     from medcl_cli.methods.semicl import SemiCL
     from medcl_cli.models.unet import build_unet
 
-    cfg = load_config(sets=[f"data.image_size={size}", "semicl.stages=[local]", *CONFIGS[config]])
+    cfg = _config(preset, size, CONFIGS[config])
     image, label = load_batch(Path(data), size, batch)
     torch.manual_seed(0)
     net = build_unet(cfg.model, 4).to(device)
@@ -101,7 +112,7 @@ def child_memory(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    step, module = _build(args.config, args.size, args.batch, args.data, device)
+    step, module = _build(args.config, args.size, args.batch, args.data, device, args.preset)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) / 2**20
@@ -121,7 +132,7 @@ def child_time(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    built = {name: _build(name, args.size, args.batch, args.data, device) for name in CONFIGS}
+    built = {name: _build(name, args.size, args.batch, args.data, device, args.preset) for name in CONFIGS}
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for r in range(args.repeats + 1):
         for name, (step, module) in built.items():
@@ -165,7 +176,7 @@ def child_loss(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, kind: str, config: str, size: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", kind, "--config", config, "--size", str(size), "--data", args.data,
            "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--device", args.device]
+           "--device", args.device, "--preset", args.preset]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)  # type: ignore[no-any-return]
 
@@ -173,8 +184,9 @@ def _run(args: argparse.Namespace, kind: str, config: str, size: int) -> dict[st
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"))
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--preset", default=str(PRESET) if PRESET.is_file() else "", help="config file ('' = defaults)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="default: preset size x1, x2, x4")
+    p.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -184,6 +196,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default="supervised")
     p.add_argument("--loss-chunk", type=int, default=4194304, help="pair_chunk of the loss-only rows")
     args = p.parse_args(argv)
+    base_cfg = _config(args.preset, None, [])
+    args.batch = args.batch or int(base_cfg.train.batch_size)
+    args.sizes = args.sizes or [int(base_cfg.data.image_size) * f for f in (1, 2, 4)]
     if args.child:
         {"memory": child_memory, "time": child_time, "loss": child_loss}[args.child](args)
         return 0
@@ -216,7 +231,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
-        json.dumps({"batch": args.batch, "threads": args.threads, "rows": rows, "loss_only": loss_rows}, indent=1)
+        json.dumps({"preset": args.preset, "batch": args.batch, "threads": args.threads, "rows": rows,
+                    "loss_only": loss_rows}, indent=1)
     )
     return 0
 
