@@ -60,6 +60,12 @@ def _pseudonymise(ds: Any, name: str) -> Any:
                 setattr(out, kw, "")
             else:
                 delattr(out, kw)
+    from medcl_cli.data.meta import PHI_KEYWORDS
+
+    for kw in PHI_KEYWORDS:  # the rest of the denylist (station, operators, physicians...): highdicom copies
+        # some of them into the SEG (e.g. StationName into ContributingEquipmentSequence); UIDs stay as references
+        if kw in out and kw not in ("PatientName", "PatientID") and kw not in PHI_KEYWORDS_EMPTY and not kw.endswith("UID"):
+            delattr(out, kw)
     return out
 
 
