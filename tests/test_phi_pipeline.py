@@ -130,7 +130,7 @@ def pipeline(tmp_path_factory):
           label_names_option(), "--meta", "PatientAge,PatientSex,SliceLocation", "--workers", "1")
     medcl("finetune", "finetune", "--data", str(ds), "--out", str(run), "--steps", "2", "--image-size", "32",
           "--device", "cpu", "--set", "model.channels=[4,8]", "--set", "train.val_every=2")
-    medcl("evaluate", "evaluate", str(run), "--data", str(ds), "--split", "all", "--overlays", "--device", "cpu")
+    medcl("evaluate", "evaluate", str(run), "--data", str(ds), "--split", "val", "--overlays", "--device", "cpu")
     patient = sorted(p for p in src.iterdir() if p.is_dir())[0]
     medcl("predict", "predict", str(run), str(patient), "--out", str(root / "preds"), "--device", "cpu")
     medcl("predict-seg", "predict", str(run), str(patient), "--out", str(root / "seg"), "--format", "dicom-seg",

@@ -111,7 +111,7 @@ def ingest_nifti(
         name = case_name(path)
         row = ReportRow(display(str(path)), "volume", "ok")
         rows.append(row)
-        case_id = _SAFE.sub("_", name).strip("._") or "case"
+        case_id = _SAFE.sub("_", name).strip("._-") or "case"  # no leading dash: ids are file names users type
         if case_id in taken:
             row.status, row.reason = "failed:duplicate-name", f"another input already gave case '{case_id}'"
             continue
