@@ -224,7 +224,7 @@ class ARCOConfig:
     unsup_weight: float = 1.0  # lambda2 (paper)
     nn_weight: float = 1.0  # lambda3 (paper)
     temperature: float = 0.5  # tau of L_contrast (paper App. C, code --temp)
-    rep_hidden: int = 256  # representation head over the fused decoder features (code: 496 -> 496)
+    rep_hidden: int = 128  # hidden width of the representation head on the fused features (code: 496 -> 496)
     rep_dim: int = 256  # representation size (paper 512, code 496; smaller for CPU)
     num_queries: int = 256  # anchors per class drawn by the sampler (code)
     num_negatives: int = 512  # negatives per class, shared by its anchors as in the paper's R_k^c (code: 512)
