@@ -98,7 +98,10 @@ TRAIN_ARGS = ["--image-size", "32", "--device", "cpu", "--deterministic", "--see
               "--set", "train.val_every=2", "--set", "train.log_every=1"]
 
 
-@pytest.mark.parametrize("stage,method,steps", [("finetune", "supervised", 8), ("pretrain", "simclr", 30)])
+@pytest.mark.parametrize("stage,method,steps", [
+    ("finetune", "supervised", 8),
+    pytest.param("pretrain", "simclr", 30, marks=pytest.mark.slow),  # same loop and checkpoint code: slow suite
+])
 def test_kill9_training_resumes_to_the_same_weights(tiny_dataset, tmp_path, capsys, stage, method, steps):
     from medcl_cli.engine import checkpoint
 
