@@ -68,6 +68,21 @@ def test_stage_switches_at_the_fraction_and_each_stage_trains_its_parameters():
     assert all(p.requires_grad == (id(p) in trained) for p in m.parameters())
 
 
+@pytest.mark.parametrize("mode", ["stride", "block"])
+def test_local_loss_falls_when_trained(mode):
+    m = _method("semicl.stages=[local]", f"semicl.mode={mode}")
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    batch = _batch(seed=2)
+    losses = []
+    for _ in range(8):  # views are fixed while steps_done stays 0
+        loss = m.training_step(batch)["loss"]
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+
+
 def test_resume_restores_the_stage_from_method_state():
     m = _method(steps=10)
     for step in range(7):
