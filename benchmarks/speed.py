@@ -170,17 +170,17 @@ def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def interleaved(keys: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Median step seconds per method, all methods in one process taking turns step by step, so load
-    from other processes on a shared machine hits every method alike (ratios stay meaningful)."""
+def interleaved(keys: list[str], args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Median (step, data) seconds per method, all methods in one process taking turns step by step, so
+    load from other processes on a shared machine hits every method alike (ratios stay meaningful)."""
     benches = {k: Bench(k, args) for k in keys}
-    times: dict[str, list[float]] = {k: [] for k in keys}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     for t in range(args.warmup + args.steps):
         for k, b in benches.items():
-            _, s, _ = b.step(t)
+            d, s, _ = b.step(t)
             if t >= args.warmup:
-                times[k].append(s)
-    return {k: statistics.median(v) for k, v in times.items()}
+                times[k].append((s, d))
+    return {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in times.items()}
 
 
 def matmul_peak(device_spec: str) -> float:
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         rows[key] = row
     ok = [k for k, r in rows.items() if "step_s" in r]
     if args.interleave and ok:
-        for k, v in interleaved(ok, args).items():
-            rows[k]["isolated_step_s"] = rows[k]["step_s"]
-            rows[k]["step_s"] = v
+        for k, (step_s, data_s) in interleaved(ok, args).items():
+            rows[k]["isolated_step_s"], rows[k]["isolated_data_s"] = rows[k]["step_s"], rows[k]["data_s"]
+            rows[k]["step_s"], rows[k]["data_s"] = step_s, data_s
     peak = matmul_peak(args.device)
     sup = rows.get("supervised", {})
     for r in rows.values():
