@@ -425,6 +425,30 @@ def with_overrides(cfg: Config, flat: dict[str, Any]) -> Config:
     return _merge(cfg, nested)
 
 
+def method_template(key: str) -> dict[str, Any]:
+    """The YAML template shipped for method `key` (`templates/<key>.yaml`), or {} when it has none."""
+    import importlib.resources
+
+    res = importlib.resources.files("medcl_cli.templates").joinpath(f"{key}.yaml")
+    if not res.is_file():
+        return {}
+    data = yaml.safe_load(res.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def load_method_config(
+    method: str | None, files: list[str | Path] | None = None, sets: list[str] | None = None
+) -> Config:
+    """Defaults < the method's template < `--config` files < `--set`: what `--method KEY` means.
+
+    The template carries the method's own defaults beyond its section (e.g. `pdcr` turns the UAFS block
+    on through `model.uafs_at`), so `--method pdcr` alone trains what the paper describes.
+    """
+    key = method or load_config(files, sets).method
+    base = _merge(Config(), method_template(key)) if key else Config()
+    return load_config(files, sets, base=base)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """A Config from a dict such as `to_dict(cfg)` or a checkpoint's stored config."""
     return _merge(Config(), data)

@@ -115,3 +115,15 @@ def test_default_template_is_generated_from_config():
     from medcl_cli.templates import generate
 
     assert generate.main(["--check"]) == 0, "run: python -m medcl_cli.templates.generate"
+
+
+def test_method_template_is_the_base_of_its_method():
+    tpl = _template("pdcr")
+    cfg = C.load_method_config("pdcr")
+    assert cfg.method == "pdcr"
+    assert list(cfg.model.uafs_at) == list(tpl["model"]["uafs_at"]) and cfg.model.uafs_at, "pdcr turns UAFS on"
+    # --set wins over the template, and another method does not inherit pdcr's network change
+    assert C.load_method_config("pdcr", sets=["model.uafs_at=[]"]).model.uafs_at == ()
+    assert C.load_method_config("supervised").model.uafs_at == ()
+    # the method may also come from a config file
+    assert C.load_method_config(None, sets=["method=pdcr"]).model.uafs_at == cfg.model.uafs_at

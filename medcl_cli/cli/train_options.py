@@ -117,7 +117,9 @@ def resolve_config(stage: str, opts: dict[str, Any]) -> tuple[Any, Path, Path]:
         return cfg, Path(data), Path(resume)
     from medcl_cli.config import with_overrides
 
-    cfg = with_overrides(load_config(opts.get("config"), opts.get("sets")), flags)
+    from medcl_cli.config import load_method_config
+
+    cfg = with_overrides(load_method_config(opts.get("method"), opts.get("config"), opts.get("sets")), flags)
     if opts.get("data") is None:
         raise UsageError("--data is required", f"example: medcl {stage} --data DATASET --out RUN")
     if opts.get("out") is None:
@@ -169,4 +171,14 @@ def run_training(stage: str, opts: dict[str, Any]) -> None:
     if stage == "pretrain":
         console.info(f"next: medcl finetune --data {data} --init-from {result.run_dir} --labeled 3 --out {result.run_dir}-ft")
     else:
-        console.info(f"next: medcl evaluate {result.run_dir} --data {data} --split test")
+        split = "test" if _has_split(data, "test") else "val"
+        console.info(f"next: medcl evaluate {result.run_dir} --data {data} --split {split} --report")
+
+
+def _has_split(data: Path, split: str) -> bool:
+    from medcl_cli.data.folder import open_dataset
+
+    try:
+        return bool((open_dataset(data).cases["split"] == split).any())
+    except Exception:  # noqa: BLE001 - only a hint on the next command; never fail a finished run for it
+        return False

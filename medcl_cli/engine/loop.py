@@ -150,7 +150,10 @@ def _fit(
     workers = auto_workers(cfg.data.num_workers, device.type)
     loader = make_loader(slices, sampler, workers, pin=device.type == "cuda")
     loader.generator = torch.Generator().manual_seed(tcfg.seed)  # keep the global RNG untouched
-    val_cases = load_val_cases(slices, "val", cfg.data.resize) if ("labeled" in needs and env.is_main) else []
+    # a method validates when it trains the segmentation head on masks; semicl uses masks for its local
+    # contrast only (`validates = False`), so a Dice of its untrained head would pick a meaningless best.pt
+    validates = "labeled" in needs and bool(getattr(method, "validates", True))
+    val_cases = load_val_cases(slices, "val", cfg.data.resize) if (validates and env.is_main) else []
     run.start(
         run_info(req, device, dtype, slices, patients, info, workers, t_cache),
         dump_yaml(cfg),
@@ -217,7 +220,7 @@ def _fit(
         # under DDP every rank stops at the same step (the flag travelled with the loss all-reduce)
         stopping = bool(vec[-1].item() > 0) or (not env.enabled and stop.set)
         end = step == tcfg.steps
-        if "labeled" in needs and (end or (tcfg.val_every > 0 and step % tcfg.val_every == 0)):
+        if validates and (end or (tcfg.val_every > 0 and step % tcfg.val_every == 0)):
             best = _validate(method, slices, val_cases, device, dtype, run, rep, step, best, cfg, opt, scaler, req, env, timers)
         if stopping or end or step % max(tcfg.checkpoint_every, 1) == 0:
             _save_last(run, env, method, opt, scaler, step, best, cfg, req, slices)
