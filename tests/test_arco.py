@@ -32,14 +32,6 @@ SIZE = 32
 CHANNELS = (4, 8, 16, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cfg(*sets: str):
     tpl = Path(str(importlib.resources.files("medcl_cli.templates") / "arco.yaml"))
     small = ["arco.num_queries=32", "arco.prototype_samples=32", "arco.num_negatives=64", "arco.bank_size=256"]

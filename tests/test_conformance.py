@@ -38,14 +38,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def method_config(key: str, **extra: object):
     files = []
     tpl = importlib.resources.files("medcl_cli.templates") / f"{key}.yaml"

@@ -4,7 +4,6 @@ step sampler (deterministic, resumable, DDP shards concatenate to the single-pro
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest

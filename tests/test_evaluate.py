@@ -6,18 +6,9 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 import volumes as V
 from medcl_cli import metrics
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

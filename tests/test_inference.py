@@ -13,14 +13,6 @@ from medcl_cli import inference as I
 from medcl_cli.errors import InputNotFoundError, InvalidDataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Threshold(nn.Module):
     """Class 1 where the normalised intensity is positive: a 'model' whose answer is known exactly."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,15 +19,6 @@ from medcl_cli.errors import MedclError
 from medcl_cli.report import ListReporter
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--device", "cpu", "--set", "model.channels=[8,16,32]"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids OpenMP spin contention between test processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def medcl(*args: str) -> int:

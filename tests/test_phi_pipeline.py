@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import torch
 
 import dicomgen as g
 import volumes as V
@@ -25,14 +24,6 @@ from medcl_cli.data.demo_dicom import MASK_DESCRIPTION, label_names_option, writ
 MARK = "QZXPHIMARK"
 BIRTH = "19010203"
 NEEDLES = (MARK.lower().encode(), BIRTH.encode())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _phi_values(patient: int) -> dict[str, str]:

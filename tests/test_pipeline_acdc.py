@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
-import torch
 
 import volumes as V
 from medcl_cli.data.io import read_image
 
 TRAIN = ["patient041_frame01", "patient041_frame02", "patient090_frame01"]  # the smallest ACDC volumes
 VAL = ["patient087_frame01"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_finetune_evaluate_predict_on_acdc(shared_data, tmp_path, capsys):

@@ -8,18 +8,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 import volumes as V
 from medcl_cli.data.io import read_image
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

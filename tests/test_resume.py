@@ -19,14 +19,6 @@ from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted
 from medcl_cli.report import NullReporter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class KillAt(NullReporter):
     """Sends SIGTERM to this process when the loop reports step `at` (the real signal path)."""
 
