@@ -15,7 +15,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-import torch
 
 from medcl_cli.cli.app import main
 from medcl_cli.data.demo_dicom import write_demo_dicom
@@ -30,13 +29,6 @@ def medcl(*args: str) -> int:
         main(list(args))
     return int(exc.value.code or 0)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_demo_dicom_headers_geometry_and_meta_signal(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from medcl_cli.cli.app import main
 from medcl_cli.errors import InputNotFoundError
@@ -20,13 +19,6 @@ def medcl(*args: str) -> int:
         main(list(args))
     return int(exc.value.code or 0)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_runs_lists_a_real_finetune_run_with_its_evaluation(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
