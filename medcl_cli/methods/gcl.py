@@ -37,6 +37,7 @@ from medcl_cli.methods.gradients import backward_on_features, backward_on_parame
 from medcl_cli.methods.losses import pixel_supcon, supcon
 from medcl_cli.methods.samplers import topk_saliency
 from medcl_cli.models.heads import DenseHead, GlobalHead
+from medcl_cli.models.unet import UNet
 
 SLICE_PART = "slice_part"
 
@@ -82,8 +83,9 @@ class GCL(nn.Module):
 
     n_views = 2
     needs = {"unlabeled", "meta"}
+    net: UNet  # the concrete U-Net: heads read its stage_channels / spatial_dims, steps call encode
 
-    def __init__(self, net: nn.Module, cfg: Any, spec: Any) -> None:
+    def __init__(self, net: UNet, cfg: Any, spec: Any) -> None:
         super().__init__()
         g = cfg.gcl
         self.net = net

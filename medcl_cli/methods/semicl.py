@@ -49,6 +49,7 @@ from medcl_cli.errors import UsageError
 from medcl_cli.methods.losses import LOCAL_FORMS, local_supcon_parts, nt_xent
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.models.heads import DenseHead, GlobalHead
+from medcl_cli.models.unet import UNet
 
 STAGES = ("global", "local")
 MODES = ("stride", "block")
@@ -129,11 +130,13 @@ class SemiCL(nn.Module):
     """Global NT-Xent, then supervised local contrast on the labelled slices, switching at a step."""
 
     n_views = 2
+    net: UNet  # the concrete U-Net: heads read its stage_channels / spatial_dims, steps call encode
+    steps_done: torch.Tensor  # a registered buffer (saved in method_state, so resume keeps the stage)
     # pretraining never trains the segmentation head, so a validation Dice during it measures a random
     # head; a loop that reads this flag skips validation (and so never writes a best.pt picked by chance)
     validates = False
 
-    def __init__(self, net: nn.Module, cfg: Any, spec: Any) -> None:
+    def __init__(self, net: UNet, cfg: Any, spec: Any) -> None:
         super().__init__()
         c = cfg.semicl
         check_config(c, int(cfg.data.image_size))

@@ -18,6 +18,7 @@ from medcl_cli.engine.distributed import gather_with_grad
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.losses import nt_xent
 from medcl_cli.models.heads import GlobalHead
+from medcl_cli.models.unet import UNet
 
 
 class SimCLR(nn.Module):
@@ -25,8 +26,9 @@ class SimCLR(nn.Module):
 
     n_views = 2
     needs = {"unlabeled"}
+    net: UNet  # the concrete U-Net: heads read its stage_channels / spatial_dims, steps call encode
 
-    def __init__(self, net: nn.Module, cfg: Any, spec: Any) -> None:
+    def __init__(self, net: UNet, cfg: Any, spec: Any) -> None:
         super().__init__()
         c = cfg.simclr
         if c.temperature <= 0:
