@@ -286,7 +286,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if is_dataclass(tp):
         if not isinstance(value, dict):
             raise UsageError(f"config key '{where}' must be a mapping, found {value!r}")
-        return _merge(tp(), value, where)
+        return _merge(typing.cast(Any, tp)(), value, where)  # tp is a dataclass type (a field annotation)
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -296,10 +296,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        return _coerce(value, members[0], where)
     if tp is bool:
         if isinstance(value, bool):
             return value

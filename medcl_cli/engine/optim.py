@@ -26,7 +26,8 @@ def build_optimizer(module: nn.Module, cfg: Any) -> torch.optim.Optimizer:
         raise UsageError(f"unknown optim.schedule '{cfg.schedule}'", f"use one of {', '.join(SCHEDULES)}")
     if cfg.lr <= 0:
         raise UsageError(f"optim.lr must be positive, found {cfg.lr}")
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in module.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)

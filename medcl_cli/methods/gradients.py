@@ -96,7 +96,7 @@ def _task_grads(
     losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], keep_last: bool
 ) -> list[list[torch.Tensor | None]]:
     """Per-task gradients of `losses` w.r.t. `inputs` (None where an input is unused)."""
-    out = []
+    out: list[list[torch.Tensor | None]] = []
     for t, loss in enumerate(losses):
         retain = keep_last or t < len(losses) - 1
         out.append(list(torch.autograd.grad(loss, list(inputs), retain_graph=retain, allow_unused=True)))
@@ -104,7 +104,7 @@ def _task_grads(
 
 
 def _sum_task(per_task: list[list[torch.Tensor | None]], index: int) -> torch.Tensor | None:
-    got = [g[index] for g in per_task if g[index] is not None]
+    got = [t for t in (g[index] for g in per_task) if t is not None]
     if not got:
         return None
     total = got[0]
