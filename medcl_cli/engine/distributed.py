@@ -79,7 +79,7 @@ def run_on_main(env: DistEnv, fn: Callable[[], None]) -> None:
     if not env.enabled or not dist.is_initialized():
         fn()
         return
-    error: BaseException | None = None
+    error: MedclError | None = None
     if env.is_main:
         try:
             fn()
@@ -91,9 +91,9 @@ def run_on_main(env: DistEnv, fn: Callable[[], None]) -> None:
         raise error
     if box[0] is not None:
         _, message, hint, code = box[0]
-        exc = MedclError(message, hint)
-        exc.exit_code = code
-        raise exc
+        remote = MedclError(message, hint)
+        remote.exit_code = code
+        raise remote
 
 
 def free_port() -> int:
@@ -215,8 +215,10 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
-                self.num_batches_tracked += 1  # type: ignore[operator]
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked = self.num_batches_tracked
+                assert tracked is not None  # a buffer whenever track_running_stats is set
+                tracked += 1  # in place: the registered buffer itself is incremented
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach() * m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1) * m)
         shape = [1, c] + [1] * (x.dim() - 2)
@@ -237,10 +239,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
             with torch.no_grad():
                 out.weight.copy_(module.weight)
                 out.bias.copy_(module.bias)
-        if module.track_running_stats:
-            out.running_mean.copy_(module.running_mean)
-            out.running_var.copy_(module.running_var)
-            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        if module.track_running_stats:  # both modules then hold the three buffers
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                out.get_buffer(name).copy_(module.get_buffer(name))  # get_buffer: typed Tensor, not Optional
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, device))
