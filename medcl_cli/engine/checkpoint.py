@@ -15,7 +15,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[li
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states in weights_only-safe types."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # legacy=True (the default): the 5-tuple
     state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [

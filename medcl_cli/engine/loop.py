@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.device import autocast, describe, resolve_device, resolve_precision
 from medcl_cli.engine.optim import build_optimizer, lr_at, set_lr
-from medcl_cli.engine.protocol import call_backward, on_step_end
+from medcl_cli.engine.protocol import Method, call_backward, on_step_end
 from medcl_cli.engine.runs import RunFolder, RunReporter, check_out, clear_run_files, now
 from medcl_cli.engine.setup import build_method, checkpoint_state, restore_state, run_info, seed_everything
 from medcl_cli.engine.validate import load_val_cases, validate
@@ -183,7 +183,7 @@ def _fit(
         timers["data"] += t_data - tick
         set_lr(opt, lr_at(t, tcfg.steps, cfg.optim))
         with autocast(device, dtype):
-            losses = method.training_step(batch)
+            losses = cast(Method, method).training_step(batch)  # build_method returns a Method
         if "loss" not in losses:
             raise MedclError(f"method '{cfg.method}' returned no 'loss' at step {t + 1}", "this is a bug in the method")
         parts = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}

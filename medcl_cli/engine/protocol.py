@@ -50,7 +50,7 @@ def call_backward(method: nn.Module, losses: dict[str, torch.Tensor]) -> None:
 def eval_net(method: nn.Module) -> nn.Module:
     """The network validation and export use (an EMA teacher for some methods), default `method.net`."""
     fn = getattr(method, "eval_net", None)
-    return fn() if callable(fn) else method.net  # type: ignore[no-any-return]
+    return fn() if callable(fn) else method.get_submodule("net")  # get_submodule: typed nn.Module
 
 
 def on_step_end(method: nn.Module, step: int) -> None:

@@ -109,7 +109,7 @@ def checkpoint_state(
     stage: str, slices: SliceSet, full: bool,
 ) -> dict[str, Any]:
     """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG)."""
-    net: nn.Module = method.net  # type: ignore[assignment]
+    net = method.get_submodule("net")  # the registered U-Net, typed nn.Module
     state: dict[str, Any] = {
         "format": ckpt_io.FORMAT,
         "method": cfg.method,
@@ -144,7 +144,7 @@ def restore_state(
 ) -> tuple[int, float | None]:
     """Load a full checkpoint into the live objects; returns (step, best validation Dice)."""
     try:
-        method.net.load_state_dict(state["model"])  # type: ignore[union-attr]
+        method.get_submodule("net").load_state_dict(state["model"])
         expected = {k for k in method.state_dict() if not k.startswith("net.")}
         got = set(state.get("method_state", {}))
         if expected != got:
