@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -165,7 +166,8 @@ class BatchSource(torch.utils.data.Dataset):
         """Workers started by spawn (macOS) reopen the memory maps instead of receiving a pickled copy."""
         s = self.s
         if isinstance(s.images, np.memmap):
-            return {"s": dataclasses.replace(s, images=None, labels=None), "reopen": True}
+            absent = cast(np.ndarray, None)  # left out of the pickle: __setstate__ reopens both maps
+            return {"s": dataclasses.replace(s, images=absent, labels=absent), "reopen": True}
         return {"s": s, "reopen": False}
 
     def __setstate__(self, state: dict[str, object]) -> None:

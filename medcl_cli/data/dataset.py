@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -250,7 +250,7 @@ def open_slices(
 def _open(folder: DatasetFolder, target: Path, ram: bool) -> SliceSet:
     try:
         index = json.loads((target / "index.json").read_text(encoding="utf-8"))
-        mm = None if ram else "r"
+        mm: Literal["r"] | None = None if ram else "r"
         arrays = {n: np.load(target / f"{n}.npy", mmap_mode=mm) for n in ("images", "labels")}
         small = {n: np.load(target / f"{n}.npy") for n in ("case", "slice", "position", "meta")}
     except (OSError, ValueError, json.JSONDecodeError) as exc:

@@ -51,8 +51,8 @@ def synth_volume(
     means = np.array([0.25, 0.8, 0.35, 0.9], dtype=np.float32)
     image = means[label]
     bias = 1.0 + 0.15 * np.sin(yy / h * np.pi * rng.uniform(0.5, 1.5) + rng.uniform(0, np.pi))[None]
-    image = image * bias + rng.normal(0.0, 0.06, size=image.shape).astype(np.float32)
-    return np.clip(image, 0.0, None).astype(np.float32) * 400.0, label
+    shaded = image * bias + rng.normal(0.0, 0.06, size=image.shape).astype(np.float32)
+    return np.clip(shaded, 0.0, None).astype(np.float32) * 400.0, label
 
 
 def make_synthetic_dataset(
