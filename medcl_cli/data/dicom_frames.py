@@ -7,7 +7,7 @@ orientation, spacing, rescale, frame type, echo, temporal index). Every later st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import functools
 
@@ -179,7 +179,7 @@ def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsynt
     mosaic_n, mosaic_normal = (0, None)
     if kind == "image" and "MOSAIC" in image_type:
         mosaic_n, mosaic_normal = _mosaic(ds)
-    base = dict(
+    base: dict[str, Any] = dict(
         source=src,
         kind=kind,
         sop_class=sop_class,
@@ -203,7 +203,7 @@ def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsynt
         return [
             Frame(index=0, nframes=int(_get(ds, "NumberOfFrames", 1) or 1), image_type=image_type, iop=None, ipp=None,
                   spacing=None, thickness=None, between=None, echo=None, temporal=None, acquisition=None,
-                  instance=None, trigger=None, slope=1.0, intercept=0.0, tags={}, **base)  # type: ignore[arg-type]
+                  instance=None, trigger=None, slope=1.0, intercept=0.0, tags={}, **base)
         ]
     first_pixel, dtype, bits_stored, frame_bytes = _raw_layout(ds, tsyntax, pixel_offset)
     per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
@@ -232,7 +232,7 @@ def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsynt
                 image_type=ftype,
                 iop=_floats(_lookup("ImageOrientationPatient", item, shared, ds), 6),
                 ipp=_floats(_lookup("ImagePositionPatient", item, shared, ds), 3),
-                spacing=_floats(_lookup("PixelSpacing", item, shared, ds), 2),  # type: ignore[arg-type]
+                spacing=cast("tuple[float, float] | None", _floats(_lookup("PixelSpacing", item, shared, ds), 2)),
                 thickness=_f(_lookup("SliceThickness", item, shared, ds)),
                 between=_f(_lookup("SpacingBetweenSlices", item, shared, ds)),
                 echo=echo,
@@ -246,7 +246,7 @@ def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsynt
                 pixel_offset=first_pixel + i * frame_bytes if first_pixel >= 0 else -1,
                 dtype=dtype,
                 bits_stored=bits_stored,
-                **base,  # type: ignore[arg-type]
+                **base,
             )
         )
     return frames

@@ -13,6 +13,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -71,8 +72,8 @@ def _describe_split(keys: list[tuple[object, ...]], key: tuple[object, ...]) -> 
     for i, name in enumerate(names):
         if len({k[i] for k in keys}) > 1:
             value: object = key[i]
-            if name == "type" and isinstance(key[i], tuple):
-                value = "/".join(str(v) for v in key[i])  # type: ignore[attr-defined]
+            if name == "type" and isinstance(value, tuple):
+                value = "/".join(str(v) for v in value)
             if name == "orientation":
                 value = "iop" + str(sorted({str(k[0]) for k in keys}).index(str(key[0])))
             parts.append(f"{name}={value}")
@@ -205,7 +206,7 @@ def _geometry(
 ) -> SeriesPlan:
     """Spacing, origin, gaps, variable spacing and tilt of frames already sorted along the normal."""
     f0 = plan.frames[0]
-    dy, dx = f0.spacing  # type: ignore[misc]
+    dy, dx = cast(tuple[float, float], f0.spacing)  # Optional on Frame; unpacking None fails as before
     plan.row, plan.col, plan.normal = tuple(row), tuple(col), tuple(normal)
     plan.origin = tuple(float(v) for v in ipp[0])
     plan.positions = [float(v) for v in proj]
@@ -257,7 +258,7 @@ def _plan_mosaic(frames: list[Frame], plan: SeriesPlan, row: np.ndarray, col: np
     if f0.rows % tiles or f0.cols % tiles:
         plan.status, plan.reason = "failed:mosaic", f"mosaic {f0.rows}x{f0.cols} does not split into {tiles}x{tiles}"
         return [plan]
-    dy, dx = f0.spacing  # type: ignore[misc]
+    dy, dx = cast(tuple[float, float], f0.spacing)  # Optional on Frame; unpacking None fails as before
     sn = np.asarray(f0.mosaic_normal, dtype=np.float64) if f0.mosaic_normal else normal
     frames = sorted(frames, key=_time_key)
     out = []

@@ -85,6 +85,7 @@ def nonfinite_voxels(path: Path, image: sitk.Image) -> int:
     if low.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
+        # nibabel annotates load() as FileBasedImage, which lacks .dataobj (every image it returns has it)
         arr = np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
     else:
         arr = sitk.GetArrayViewFromImage(image)

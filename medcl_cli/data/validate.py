@@ -52,6 +52,7 @@ def _nonfinite(path: Path) -> int:
     import nibabel as nib
 
     try:
+        # nibabel annotates load() as FileBasedImage, which lacks .dataobj (every image it returns has it)
         arr = np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - not a NIfTI nibabel reads: fall back to SimpleITK
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

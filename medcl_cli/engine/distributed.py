@@ -123,7 +123,7 @@ def rank_seed(seed: int, rank: int) -> int:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
@@ -131,7 +131,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # every rank's loss depends on this rank's rows
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
@@ -147,13 +147,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 class _AllReduceWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         g = grad.clone()
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         return g

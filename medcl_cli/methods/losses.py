@@ -146,7 +146,7 @@ class _ExpClassSums(torch.autograd.Function):
         return e.sub_(shift).exp_(), shift
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, za: torch.Tensor, z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, tau: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e, shift = _ExpClassSums._exp(za, z, rows, tau)
