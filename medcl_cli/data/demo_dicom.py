@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -182,10 +183,10 @@ def write_demo_dicom(
                 demo.series.append(
                     DemoSeries(
                         patient_id=pid, phase=phase, kind=kind, folder=folder, n_slices=nz, image=vol,
-                        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+                        origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
                         spacing=(pixel[1], pixel[0], thickness),
-                        row_cosine=tuple(float(v) for v in row),  # type: ignore[arg-type]
-                        col_cosine=tuple(float(v) for v in col),  # type: ignore[arg-type]
+                        row_cosine=cast("tuple[float, float, float]", tuple(float(v) for v in row)),
+                        col_cosine=cast("tuple[float, float, float]", tuple(float(v) for v in col)),
                     )
                 )
     return demo
