@@ -106,3 +106,13 @@ def test_age_normalisation(raw, years):
     assert age_years(raw) == years
     col = normalised_columns("PatientAge", raw)["PatientAge_years"]
     assert col == ("" if years is None else years)
+
+
+def test_dates_of_care_are_phi():
+    """Study/series/acquisition dates identify a visit (HIPAA Safe Harbor keeps only the year)."""
+    from medcl_cli.data.meta import resolve_keywords
+    from medcl_cli.errors import UsageError
+
+    for kw in ("StudyDate", "AcquisitionDateTime", "SeriesTime"):
+        with pytest.raises(UsageError, match="PHI"):
+            resolve_keywords([kw], allow_phi=False)

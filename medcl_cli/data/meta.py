@@ -64,6 +64,17 @@ PHI_KEYWORDS: frozenset[str] = frozenset(
         "RequestAttributesSequence",
         "PersonName",
         "ContentCreatorName",
+        # dates and times of care identify a visit (HIPAA Safe Harbor keeps only the year)
+        "StudyDate",
+        "SeriesDate",
+        "AcquisitionDate",
+        "ContentDate",
+        "InstanceCreationDate",
+        "AcquisitionDateTime",
+        "StudyTime",
+        "SeriesTime",
+        "AcquisitionTime",
+        "ContentTime",
     }
 )
 # PHI read from every header (for redaction, pseudonyms and --allow-phi), whatever --meta asks for.
