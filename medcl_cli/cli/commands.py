@@ -8,7 +8,6 @@ import typer
 
 # (command name, module under medcl_cli.cli, function name)
 COMMANDS: list[tuple[str, str, str]] = [
-    ("info", "info", "info"),
     ("ingest", "ingest", "ingest"),
     ("validate", "validate", "validate"),
     ("pretrain", "pretrain", "pretrain"),
@@ -17,6 +16,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "predict", "predict"),
     ("export", "export", "export"),
     ("runs", "runs", "runs"),
+    ("info", "info", "info"),
     ("demo", "demo", "demo"),
 ]
 
