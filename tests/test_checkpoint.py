@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,9 +66,12 @@ def test_truncated_and_garbage_files(run_dir, tmp_path):
     with pytest.raises(InvalidDataError, match="truncated or corrupted"):
         checkpoint.load(bad)
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(os.urandom(1000))
-    with pytest.raises(InvalidDataError):
-        checkpoint.load(junk)
+    rng = np.random.default_rng(0)
+    for size in (1, 8, 100, 1000, 5000):  # random bytes of many sizes: each reader path of torch.load
+        for _ in range(20):
+            junk.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+            with pytest.raises(InvalidDataError):
+                checkpoint.load(junk)
     with pytest.raises(InputNotFoundError):
         checkpoint.load_network(tmp_path / "nothing")
 

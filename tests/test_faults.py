@@ -9,6 +9,8 @@ exhaustion exits 7 and an unwritable output 6, each with a hint and no traceback
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import errno
 import json
 import os
@@ -37,9 +39,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def kill9_when(args: list[str], pattern: str = "", path: Path | None = None, timeout: float = 240.0) -> list[str]:
-    """Start `medcl ARGS` and send SIGKILL as soon as a stderr line matches `pattern` or `path` exists
-    (polled every few ms, for phases that print nothing); returns the stderr lines read."""
+def kill9_when(args: list[str], pattern: str = "", path: Path | None = None, timeout: float = 240.0,
+               ready: Callable[[], bool] | None = None) -> list[str]:
+    """Start `medcl ARGS` and send SIGKILL as soon as a stderr line matches `pattern`, `path` exists or
+    `ready()` is true (polled every few ms, for phases that print nothing); returns the stderr lines read."""
     import threading
 
     proc = subprocess.Popen([sys.executable, "-m", "medcl_cli", *args], stdout=subprocess.DEVNULL,
@@ -51,7 +54,8 @@ def kill9_when(args: list[str], pattern: str = "", path: Path | None = None, tim
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if (pattern and any(re.search(pattern, ln) for ln in list(lines))) or (path is not None and path.exists()):
+            if ((pattern and any(re.search(pattern, ln) for ln in list(lines))) or (path is not None and path.exists())
+                    or (ready is not None and ready())):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.003)
@@ -71,16 +75,20 @@ def medcl(capsys, *args: str) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- kill -9
 def test_kill9_ingest_leaves_no_half_dataset(tmp_path, capsys):
     src = tmp_path / "in"
-    for i in range(12):
+    n = 24
+    for i in range(n):
         g.write_series(src / f"s{i:02d}", g.volume(6, 24, 24, seed=i), description=f"series {i}")
     before = tree_digest(src)
     out = tmp_path / "ds"
-    kill9_when(["ingest", str(src), "--out", str(out), "--workers", "1"], r"converting series: [1-9]")
+    # killed once the first volume sits in the work folder: mid-conversion, whatever the machine's speed
+    # (a progress line is printed only every few seconds off a terminal, so it cannot be the trigger)
+    kill9_when(["ingest", str(src), "--out", str(out), "--workers", "1"],
+               ready=lambda: any(tmp_path.glob(".ds.tmp-*/images/*.nii.gz")))
     assert not out.exists()  # the dataset appears only when complete (built aside, renamed into place)
     assert tree_digest(src) == before
     code, stdout, err = medcl(capsys, "ingest", str(src), "--out", str(out), "--workers", "1")
     assert_clean(code, stdout, err, 0)
-    assert len(list((out / "images").glob("*.nii.gz"))) == 12
+    assert len(list((out / "images").glob("*.nii.gz"))) == n
     assert not list(tmp_path.glob(".ds.tmp-*"))  # the killed run's work folder was cleaned by the next run
     assert all_paths(tmp_path) - all_paths(src) - {str(src)} <= all_paths(out) | {str(out)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import random
 import tempfile
 import warnings
@@ -67,7 +68,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                 "only load checkpoints written by medcl; never disable this check for files you did not write",
             ) from None
         raise InvalidDataError(f"checkpoint {p} is corrupted: {first}", hint) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, IndexError,
+            TypeError, struct.error, UnicodeDecodeError) as exc:  # what torch's readers raise on random bytes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidDataError(f"checkpoint {p} is truncated or corrupted ({first[:160]})", hint) from None
     if not isinstance(state, dict) or "format" not in state or "model" not in state:
