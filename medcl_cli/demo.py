@@ -101,12 +101,9 @@ def prepare(out: Path, size: DemoSize, overwrite: bool = False, seed: int = 0) -
                 f"--out {out} holds files the demo did not write ({', '.join(foreign[:3])})",
                 "choose an empty or new folder; --overwrite only replaces a previous demo",
             )
-        for name in DEMO_ENTRIES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        from medcl_cli.engine.runs import clear_run_files
+
+        clear_run_files(out, DEMO_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     demo = _write_atomic(out / "dicom", size, size.patients, size.patients, seed, 1)
     new = _write_atomic(out / "new_scans", size, 1, 0, seed, size.patients + 1)

@@ -166,6 +166,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
+    """JSON written atomically; values JSON cannot hold (paths, numpy scalars) are written as strings."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medcl_cli.data.folder import write_json_atomic
 from medcl_cli.errors import InputNotFoundError, OutputError
 from medcl_cli.report import NullReporter, Reporter
 
@@ -41,20 +42,14 @@ def check_out(out: Path, overwrite: bool, resume: bool) -> None:
         )
 
 
-def clear_run_files(out: Path) -> None:
-    """With --overwrite: remove what a previous run wrote (other files are left alone)."""
-    for name in RUN_FILES:
+def clear_run_files(out: Path, names: tuple[str, ...] | list[str] = RUN_FILES) -> None:
+    """With --overwrite: remove what a previous run wrote (`names`; other files are left alone)."""
+    for name in names:
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class RunFolder:
@@ -105,7 +100,7 @@ class RunFolder:
 
     def save_info(self) -> None:
         if self.active and self.started:
-            write_json_atomic(self.root / "run.json", self.info)
+            write_json_atomic(self.info, self.root / "run.json")
 
     def metric(self, step: int, split: str, name: str, value: float) -> None:
         if self.active:
