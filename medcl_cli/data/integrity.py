@@ -9,8 +9,12 @@ they disagree, so multi-member files still pass), and non-finite voxels are coun
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +113,28 @@ def raise_if_disk_full(folder: str | Path, needed: int = 0) -> None:
         return
     if free < needed + DISK_MARGIN:
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str, needed: int = 0,
+                disk_errors: tuple[type[BaseException], ...] = (RuntimeError, OSError)) -> Iterator[str]:
+    """A temporary file beside `path` to write into; renamed onto `path` only when the block succeeds.
+
+    A failure of type `disk_errors` is first checked against the free space (`raise_if_disk_full`, with
+    `needed` bytes), so a full disk becomes ENOSPC whatever the writer reported. The temporary file never
+    survives: a failed or interrupted write leaves `path` as it was.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        try:
+            yield tmp
+        except disk_errors:
+            raise_if_disk_full(p.parent, needed)
+            raise
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

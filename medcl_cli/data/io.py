@@ -7,8 +7,6 @@ Writes are atomic (temporary file in the same folder, then rename) and verified 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,29 +58,19 @@ def read_image(path: str | Path, finite: bool = False) -> sitk.Image:
 
 def write_image(image: sitk.Image, path: str | Path, verify: bool = True, compress: bool = True) -> Path:
     """Write atomically (temp file + rename) and, with `verify`, read back and compare geometry and voxels."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(s for s in p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
-    os.close(fd)
-    try:
-        try:
-            sitk.WriteImage(image, tmp, compress)
-            if verify:
-                back = sitk.ReadImage(tmp)
-                if not same_grid(image, back, tol=1e-4):
-                    raise InvalidDataError(f"written image {p} does not read back on the same grid")
-                if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
-                    raise InvalidDataError(f"written image {p} does not read back with the same voxels")
-        except (RuntimeError, InvalidDataError):
-            from medcl_cli.data.integrity import raise_if_disk_full
+    from medcl_cli.data.integrity import atomic_path
 
-            raise_if_disk_full(p.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent())
-            raise
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    p = Path(path)
+    suffix = "".join(s for s in p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
+    needed = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+    with atomic_path(p, suffix, needed, (RuntimeError, InvalidDataError)) as tmp:
+        sitk.WriteImage(image, tmp, compress)
+        if verify:
+            back = sitk.ReadImage(tmp)
+            if not same_grid(image, back, tol=1e-4):
+                raise InvalidDataError(f"written image {p} does not read back on the same grid")
+            if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
+                raise InvalidDataError(f"written image {p} does not read back with the same voxels")
     return p
 
 

@@ -12,7 +12,6 @@ import os
 import pickle
 import struct
 import random
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,24 +28,14 @@ FORMAT = 1
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
     """Write `state` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=p.parent)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except (RuntimeError, OSError):
-            from medcl_cli.data.integrity import raise_if_disk_full
+    from medcl_cli.data.integrity import atomic_path
 
-            raise_if_disk_full(p.parent)  # torch reports a full disk as a RuntimeError of its zip writer
-            raise
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    p = Path(path)
+    # torch reports a full disk as a RuntimeError of its zip writer: atomic_path turns it into ENOSPC
+    with atomic_path(p, ".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     return p
 
 
