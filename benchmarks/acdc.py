@@ -12,6 +12,10 @@ of each stage (from the child's rusage) go in the table beside per-class Dice an
 
     python benchmarks/acdc.py --out bench/acdc --labeled 3 --methods all
     python benchmarks/acdc.py --out bench/acdc --methods supervised,gcl --eval-data data/acdc_test
+    python benchmarks/acdc.py --out bench/uafs --methods supervised --set model.uafs_at=[dec0,dec1,dec2] --tag=+uafs
+    python benchmarks/acdc.py --out bench/full --methods supervised --labeled all      # all 70 patients labelled
+    python benchmarks/acdc.py --out bench/arco_ns --methods arco --labeled 3 --set arco.sampler=ns --tag=-ns \
+        --pretrain-from bench/acdc      # the fine-tuning sampler alone changes: reuse the sg pretraining
 """
 
 from __future__ import annotations
@@ -86,7 +90,12 @@ def scores(summary_json: Path) -> dict[str, Any]:
     return out
 
 
-def bench_method(method: str, counts: list[int], a: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
+def labeled_arg(acdc: Path, n: str) -> str:
+    """`--labeled` for label count `n`: splits/labeled_N.txt, or `all` (every training patient's masks)."""
+    return "all" if n == "all" else str(acdc / "splits" / f"labeled_{n}.txt")
+
+
+def bench_method(method: str, counts: list[str], a: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
     from medcl_cli.methods import REGISTRY
 
     info = REGISTRY[method]
@@ -96,24 +105,30 @@ def bench_method(method: str, counts: list[int], a: argparse.Namespace, data: Pa
     root = a.out / method
     uses_masks = re.search(r"(?<!un)labell?ed", info.needs) is not None  # "unlabelled" alone: self-supervised
     shared_pre: dict[str, Any] | None = None
-    if "pretrain" in info.stages and not uses_masks:
+    reuse = a.pretrain_from / method if a.pretrain_from is not None else None
+    if reuse is not None and "pretrain" in info.stages and not uses_masks:
+        shared_pre = {"seconds": 0.0, "reused": str(reuse / "pretrain")}
+    elif "pretrain" in info.stages and not uses_masks:
         shared_pre = run_stage(["pretrain", "--data", str(data), "--method", method, "--out", str(root / "pretrain"),
                                 "--overwrite", *common], root / "logs" / "pretrain.log")
     rows = []
     for n in counts:
-        labeled = a.acdc / "splits" / f"labeled_{n}.txt"
+        labeled = labeled_arg(a.acdc, n)
         stage_dir = root / f"labeled_{n}"
-        row: dict[str, Any] = {"method": method, "labeled": n}
+        row: dict[str, Any] = {"method": method + a.tag, "labeled": n}
         init: list[str] = []
         if "pretrain" in info.stages:
-            if uses_masks:
+            if uses_masks and reuse is not None:  # an earlier run's pretraining with the same budget
+                row["pretrain"] = {"seconds": 0.0, "reused": str(reuse / f"labeled_{n}" / "pretrain")}
+                init = ["--init-from", row["pretrain"]["reused"]]
+            elif uses_masks:
                 row["pretrain"] = run_stage(
                     ["pretrain", "--data", str(data), "--method", method, "--labeled", str(labeled), "--out",
                      str(stage_dir / "pretrain"), "--overwrite", *common], stage_dir / "logs" / "pretrain.log")
                 init = ["--init-from", str(stage_dir / "pretrain")]
             else:
                 row["pretrain"] = dict(shared_pre or {}, shared=True)
-                init = ["--init-from", str(root / "pretrain")]
+                init = ["--init-from", (shared_pre or {}).get("reused", str(root / "pretrain"))]
         ft_method = method if "finetune" in info.stages else "supervised"
         ft = stage_dir / "finetune"
         row["finetune"] = run_stage(
@@ -148,6 +163,8 @@ def table(rows: list[dict[str, Any]], other: bool) -> str:
         v = r["val"]
         pre = r.get("pretrain")
         pre_s = "-" if not pre else f"{pre.get('seconds', 0):.0f}" + (" (shared)" if pre.get("shared") else "")
+        if pre and pre.get("reused"):
+            pre_s = "reused"
         peak = max(s.get("peak_mb", 0.0) for k, s in r.items() if isinstance(s, dict) and "peak_mb" in s)
         cells = [r["method"], str(r["labeled"]), _f(v["dice_RV"], True), _f(v["dice_Myo"], True),
                  _f(v["dice_LV"], True), _f(v["dice_mean"], True), _f(v["hd95_mean"]), pre_s,
@@ -163,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--acdc", type=Path, default=DEFAULT_ACDC, help="the ACDC folder (images/, labels/, splits/)")
     p.add_argument("--data", type=Path, default=None, help="ingested dataset (default OUT/dataset; ingested if absent)")
-    p.add_argument("--labeled", default="1,3,7", help="label counts: splits/labeled_N.txt for each N")
+    p.add_argument("--labeled", default="1,3,7", help="label counts (splits/labeled_N.txt), or all")
+    p.add_argument("--tag", default="", help="suffix of the method name in the table, e.g. --tag=-ns or --tag=+uafs")
+    p.add_argument("--pretrain-from", type=Path, default=None,
+                   help="an earlier --out folder: fine-tune from its pretraining runs instead of pretraining again")
     p.add_argument("--methods", default="all", help="all, or a comma list of registry keys")
     p.add_argument("--eval-data", type=Path, default=None, help="another ingested dataset scored on all its cases")
     p.add_argument("--preset", type=Path, default=REPO / "templates" / "acdc_cpu.yaml", help="YAML config preset")
@@ -174,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     data = a.data or (a.out / "dataset")
-    counts = [int(x) for x in a.labeled.split(",") if x.strip()]
+    counts = [x.strip() for x in a.labeled.split(",") if x.strip()]
+    bad = [x for x in counts if not (x.isdigit() or x == "all")]
+    if bad:
+        raise SystemExit(f"--labeled: {bad[0]!r} is neither a label count nor all")
     results: dict[str, Any] = {"preset": str(a.preset), "overrides": a.set or [], "device": a.device,
                                "ingest": ensure_dataset(a.acdc, data, a.out), "rows": [], "failed": []}
     for method in method_list(a.methods):

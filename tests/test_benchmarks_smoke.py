@@ -50,6 +50,22 @@ def test_acdc_runner_smoke(shared_data, tmp_path):
         assert r["other"]["n_cases"] == 3 and r["finetune"]["peak_mb"] > 50
     assert "| simclr | 1 |" in res.stdout and (out / "results.md").is_file()
 
+    # a variant row: reuse that pretraining, every patient labelled, tagged name
+    again = tmp_path / "again"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "acdc.py"), "--acdc", str(acdc), "--out", str(again), "--labeled",
+         "all", "--methods", "simclr", "--device", "cpu", "--data", str(out / "dataset"), "--pretrain-from", str(out),
+         "--tag=-re", *TINY],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    (row,) = json.loads((again / "results.json").read_text())["rows"]
+    assert row["method"] == "simclr-re" and row["labeled"] == "all"
+    assert row["pretrain"]["reused"] == str(out / "simclr" / "pretrain") and not (again / "simclr" / "pretrain").exists()
+    log = (again / "simclr" / "labeled_all" / "logs" / "finetune.log").read_text()
+    assert "--labeled all" in log and f"--init-from {out / 'simclr' / 'pretrain'}" in log
+    assert "| simclr-re | all |" in res.stdout and "reused" in res.stdout
+
 
 @pytest.mark.slow
 def test_predict_benchmark_smoke(shared_data, tmp_path):
