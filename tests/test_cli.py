@@ -101,3 +101,16 @@ def test_info_json_lists_methods():
     assert data["version"] == __version__
     assert "supervised" in data["methods"]
     assert "default" in data["templates"]
+
+
+def test_pretrain_next_hint_carries_method_and_labels():
+    from pathlib import Path
+
+    from medcl_cli.cli.train_options import finetune_hint
+
+    run_dir, data = Path("runs/pre"), Path("data")
+    hint = finetune_hint("arco", data, run_dir, "splits/labeled_3.txt")  # arco has its own fine-tuning stage
+    assert hint == ("medcl finetune --data data --init-from runs/pre --method arco --labeled splits/labeled_3.txt "
+                    "--out runs/pre-ft")
+    hint = finetune_hint("gcl", data, run_dir, None)  # self-supervised: supervised fine-tuning on every mask
+    assert hint == "medcl finetune --data data --init-from runs/pre --out runs/pre-ft"

@@ -169,10 +169,24 @@ def run_training(stage: str, opts: dict[str, Any]) -> None:
         console.info(f"best validation Dice {result.best:.4f}")
     console.result(str(result.run_dir))
     if stage == "pretrain":
-        console.info(f"next: medcl finetune --data {data} --init-from {result.run_dir} --labeled 3 --out {result.run_dir}-ft")
+        console.info(f"next: {finetune_hint(cfg.method, data, result.run_dir, opts.get('labeled'))}")
     else:
         split = "test" if _has_split(data, "test") else "val"
         console.info(f"next: medcl evaluate {result.run_dir} --data {data} --split {split} --report")
+
+
+def finetune_hint(method: str, data: Path, run_dir: Path, labeled: str | None) -> str:
+    """The `medcl finetune` command that follows a pretraining run: same method when it has a fine-tuning
+    stage, and the masks the pretraining was given (every labelled patient when it was given none)."""
+    from medcl_cli.methods import REGISTRY
+
+    info = REGISTRY.get(method)
+    parts = ["medcl finetune", f"--data {data}", f"--init-from {run_dir}"]
+    if info is not None and "finetune" in info.stages:
+        parts.append(f"--method {method}")
+    if labeled is not None:
+        parts.append(f"--labeled {labeled}")
+    return " ".join([*parts, f"--out {run_dir}-ft"])
 
 
 def _has_split(data: Path, split: str) -> bool:
