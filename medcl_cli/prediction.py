@@ -9,7 +9,6 @@ cases (nnU-Net's `--continue_prediction`, made the default). One failing input n
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from medcl_cli import __version__
+from medcl_cli.data.folder import write_json_atomic
 from medcl_cli.data.io import geometry, is_volume_file, read_image, strip_suffix, write_image
 from medcl_cli.errors import InputNotFoundError, MedclError, OutputError, UsageError
 from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, sha256_files
@@ -140,12 +140,6 @@ def sidecar(model: LoadedModel, item: PredictInput, out_img: sitk.Image, fmt: st
     }
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def predict_all(
     model: LoadedModel,
     inputs: list[PredictInput],
@@ -196,7 +190,7 @@ def predict_all(
                 seg_path = out / f"{item.name}.seg.dcm"
                 write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi)
                 extra["dicom_seg"] = seg_path.name
-            _write_json(sidecar(model, item, label, fmt, extra), js)
+            write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)
             rep.advance(TASK, 1, case=item.name)
         except MedclError as exc:

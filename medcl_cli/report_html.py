@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medcl_cli.data.folder import write_text_atomic
 from medcl_cli.overlays import COLOURS
 
 PANEL_SLICES = 3  # middle slices shown per case
@@ -162,8 +162,5 @@ the image diagonal in mm. No case is dropped from a mean.</p>
 
 def write_report(path: Path, page: str) -> Path:
     """Write the page atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(page, path)
     return path

@@ -297,3 +297,28 @@ def test_unwritable_output_exits_6(tiny_dataset, tmp_path, capsys):
         code, out, err = medcl(capsys, *args)
         assert_clean(code, out, err, 6)
     assert blocker.read_text() == "x"
+
+
+def test_text_writers_keep_the_old_file_when_a_write_fails(tmp_path):
+    """Every CSV/JSON/HTML/PNG writer goes through atomic_path: a failure mid-write leaves the old file."""
+    import pandas as pd
+
+    from medcl_cli.data.folder import write_csv_atomic, write_json_atomic, write_rows_atomic
+
+    class Unwritable:  # json.dumps(default=str) calls str() on it: fails after the file was opened
+        def __str__(self) -> str:
+            raise RuntimeError("cannot serialise")
+
+    target = tmp_path / "out.json"
+    write_json_atomic({"a": 1}, target)
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        write_json_atomic({"a": Unwritable()}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    rows = tmp_path / "rows.csv"
+    write_rows_atomic([{"x": 1}], ["x"], rows)
+    with pytest.raises(RuntimeError):
+        write_rows_atomic([{"x": 2}, {"x": Unwritable()}], ["x"], rows)  # the first row was already written
+    assert rows.read_text().split() == ["x", "1"]
+    write_csv_atomic(pd.DataFrame({"y": [3]}), tmp_path / "df.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["df.csv", "out.json", "rows.csv"]  # no temp files left

@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from medcl_cli.data.folder import write_json_atomic
+from medcl_cli.data.integrity import atomic_path
 from medcl_cli.errors import InputNotFoundError, OutputError
 from medcl_cli.report import NullReporter, Reporter
 
@@ -93,10 +93,8 @@ class RunFolder:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
         keep = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
-        tmp = path.with_name(".tmp-metrics.csv")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows(keep)
-        os.replace(tmp, path)
 
     def save_info(self) -> None:
         if self.active and self.started:
@@ -192,8 +190,9 @@ def plot_curves(root: Path) -> Path | None:
         axes[1].legend(fontsize=8)
     fig.tight_layout()
     out = root / "curves.png"
-    tmp = root / ".tmp-curves.png"
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out, ".png") as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return out
