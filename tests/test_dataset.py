@@ -45,6 +45,37 @@ def test_cache_dir_env_and_other_config(tiny_dataset, tmp_path, monkeypatch):
     assert cache_location(folder, "x").parent == tmp_path / "c"
 
 
+def test_cache_none_is_in_memory_and_leaves_nothing(tiny_dataset, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    s = open_slices(tiny_dataset, DataConfig(image_size=32, cache="none"))
+    ref = open_slices(tiny_dataset, CFG)
+    assert not isinstance(s.images, np.memmap) and np.array_equal(s.images, ref.images)
+    assert list(tmp_path.iterdir()) == []  # the throw-away copy is gone once read
+
+
+def test_private_tempdir_sweeps_folders_of_dead_processes(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from medcl_cli.data.integrity import private_tempdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"medcl-predict-{int(gone.stdout)}-abc"  # what a kill -9 leaves behind
+    alive = tmp_path / f"medcl-predict-{os.getppid()}-def"  # a running process's folder
+    other = tmp_path / f"medcl-slices-{int(gone.stdout)}-ghi"  # another prefix: not ours to sweep
+    for d in (dead, alive, other):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "scan.nii.gz").write_bytes(b"x")
+    with private_tempdir("medcl-predict-") as work:
+        assert work.is_dir() and work.name.startswith(f"medcl-predict-{os.getpid()}-")
+        assert not dead.exists() and alive.exists() and other.exists()
+    assert not work.exists()
+
+
 def test_batch_keys_meta_and_labeled(tiny_dataset):
     s = open_slices(tiny_dataset, CFG)
     pats = labeled_patients(s, "2", seed=1)

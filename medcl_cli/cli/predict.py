@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +42,7 @@ def predict(
     """
     from medcl_cli.cli.console import ConsoleReporter
     from medcl_cli.config import InferenceConfig
+    from medcl_cli.data.integrity import private_tempdir
     from medcl_cli.engine.device import describe, resolve_device
     from medcl_cli.errors import PartialSuccess
     from medcl_cli.inference import load_model
@@ -51,8 +51,8 @@ def predict(
     reporter = ConsoleReporter()
     dev = resolve_device(device or "auto")
     model = load_model(run, dev)  # first: a wrong run folder fails before any DICOM is converted
-    with tempfile.TemporaryDirectory(prefix="medcl-predict-") as work:
-        found, failed = collect_inputs(list(inputs), Path(work), reporter, exclude=out)
+    with private_tempdir("medcl-predict-") as work:
+        found, failed = collect_inputs(list(inputs), work, reporter, exclude=out)
         ensure_found(found, failed, list(inputs))
         console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
         res = predict_all(

@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medcl_cli.data.folder import CASES_COLUMNS, META_BASE_COLUMNS, DatasetFolder, open_dataset
+from medcl_cli.data.integrity import private_tempdir
 from medcl_cli.data.io import read_image
 from medcl_cli.data.preprocess import image_slices, label_slices
 from medcl_cli.errors import InvalidDataError
@@ -234,10 +235,13 @@ def open_slices(
     folder = dataset if isinstance(dataset, DatasetFolder) else open_dataset(dataset)
     key = cache_key(folder, data_cfg)
     mode = str(data_cfg.cache)
-    if mode == "none":
-        target = Path(tempfile.mkdtemp(prefix="medcl-slices-")) / key
-    else:
-        target = cache_location(folder, key)
+    if mode == "none":  # every rank builds its own throw-away copy, reads it into memory and deletes it
+        with private_tempdir("medcl-slices-") as work:
+            _build(folder, data_cfg, work / key, rep)
+            if barrier is not None:
+                barrier()
+            return _open(folder, work / key, ram=True)
+    target = cache_location(folder, key)
     if builder and not (target / "index.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         rep.log(f"building the slice cache in {target} (once per dataset and data config)")

@@ -138,3 +138,36 @@ def atomic_path(path: str | Path, suffix: str, needed: int = 0,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def private_tempdir(prefix: str) -> Iterator[Path]:
+    """A temporary folder named `<prefix><pid>-...`, removed when the block ends.
+
+    A kill -9 skips that removal, and what these folders hold (volumes converted from DICOM, slice
+    copies) should not pile up in /tmp: folders of the same prefix left by processes that no longer
+    exist (and owned by this user) are removed first."""
+    import re
+    import shutil
+
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        m = pattern.match(old.name)
+        try:
+            mine = old.is_dir() and old.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if m and mine and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as work:
+        yield Path(work)
