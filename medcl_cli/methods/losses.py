@@ -140,10 +140,16 @@ class _ExpClassSums(torch.autograd.Function):
 
     @staticmethod
     def _exp(za: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        e = torch.bmm(za, z.transpose(1, 2)).mul_(1.0 / tau)
+        if tau < 1 / 30:  # row max: needs the logits first
+            e = torch.bmm(za, z.transpose(1, 2)).mul_(1.0 / tau)
+            e.scatter_(2, rows[..., None], _LOCAL_FILL)
+            shift = e.amax(dim=2, keepdim=True)
+            return e.sub_(shift).exp_(), shift
+        # constant shift: scale and shift fused into the product (two fewer passes over the R x N matrix)
+        shift = za.new_full((*za.shape[:2], 1), 1.0 / tau)
+        e = torch.baddbmm(-shift, za, z.transpose(1, 2), alpha=1.0 / tau)
         e.scatter_(2, rows[..., None], _LOCAL_FILL)
-        shift = e.amax(dim=2, keepdim=True) if tau < 1 / 30 else torch.full_like(e[..., :1], 1.0 / tau)
-        return e.sub_(shift).exp_(), shift
+        return e.exp_(), shift
 
     @staticmethod
     def forward(
@@ -159,9 +165,14 @@ class _ExpClassSums(torch.autograd.Function):
     def backward(ctx: Any, grad_c: torch.Tensor, _grad_shift: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         za, z, y, rows = ctx.saved_tensors
         w, _ = _ExpClassSums._exp(za, z, rows, ctx.tau)
-        w.mul_(torch.bmm(grad_c, y.transpose(1, 2)))  # dL/dlogit of every pair
+        # dL/dlogit of pair (a, n) = exp * grad_c[a, class of n]: a gather of the member's class column
+        # (a K = 4 inner-dimension bmm with y^T is memory-bound and 2-3x slower); ignored members -> 0
+        cls = torch.where(y.sum(2) > 0, y.argmax(2), y.shape[2])  # G x N, K = ignored
+        padded = torch.cat([grad_c, grad_c.new_zeros(*grad_c.shape[:2], 1)], dim=2)
+        w.mul_(torch.gather(padded, 2, cls[:, None, :].expand(-1, w.shape[1], -1)))
         grad_za = torch.bmm(w, z).mul_(1.0 / ctx.tau)
-        grad_z = torch.bmm(w.transpose(1, 2), za).mul_(1.0 / ctx.tau)
+        # (za^T w)^T: the R x N matrix is read in its own layout, never copied into a transposed one
+        grad_z = torch.bmm(za.transpose(1, 2), w).transpose(1, 2).mul_(1.0 / ctx.tau)
         return grad_za, grad_z, None, None, None
 
 
