@@ -104,13 +104,20 @@ def bench_method(method: str, counts: list[str], a: argparse.Namespace, data: Pa
         common += ["--set", s]
     root = a.out / method
     uses_masks = re.search(r"(?<!un)labell?ed", info.needs) is not None  # "unlabelled" alone: self-supervised
-    shared_pre: dict[str, Any] | None = None
-    reuse = a.pretrain_from / method if a.pretrain_from is not None else None
-    if reuse is not None and "pretrain" in info.stages and not uses_masks:
-        shared_pre = {"seconds": 0.0, "reused": str(reuse / "pretrain")}
-    elif "pretrain" in info.stages and not uses_masks:
-        shared_pre = run_stage(["pretrain", "--data", str(data), "--method", method, "--out", str(root / "pretrain"),
-                                "--overwrite", *common], root / "logs" / "pretrain.log")
+
+    def pretrain(sub: str, labeled: list[str]) -> tuple[dict[str, Any], Path]:
+        """(timing, run folder) of the pretraining in `sub` (under this method's folder): run here, or
+        an earlier run's with `--pretrain-from` (same budget; only what fine-tuning does differs)."""
+        if a.pretrain_from is not None:
+            done = a.pretrain_from / method / sub
+            return {"seconds": 0.0, "reused": str(done)}, done
+        run = root / sub
+        return run_stage(["pretrain", "--data", str(data), "--method", method, *labeled, "--out", str(run),
+                          "--overwrite", *common], run.parent / "logs" / "pretrain.log"), run
+
+    shared: tuple[dict[str, Any], Path] | None = None
+    if "pretrain" in info.stages and not uses_masks:
+        shared = pretrain("pretrain", [])
     rows = []
     for n in counts:
         labeled = labeled_arg(a.acdc, n)
@@ -118,17 +125,12 @@ def bench_method(method: str, counts: list[str], a: argparse.Namespace, data: Pa
         row: dict[str, Any] = {"method": method + a.tag, "labeled": n}
         init: list[str] = []
         if "pretrain" in info.stages:
-            if uses_masks and reuse is not None:  # an earlier run's pretraining with the same budget
-                row["pretrain"] = {"seconds": 0.0, "reused": str(reuse / f"labeled_{n}" / "pretrain")}
-                init = ["--init-from", row["pretrain"]["reused"]]
-            elif uses_masks:
-                row["pretrain"] = run_stage(
-                    ["pretrain", "--data", str(data), "--method", method, "--labeled", str(labeled), "--out",
-                     str(stage_dir / "pretrain"), "--overwrite", *common], stage_dir / "logs" / "pretrain.log")
-                init = ["--init-from", str(stage_dir / "pretrain")]
+            if uses_masks:
+                row["pretrain"], pre_run = pretrain(f"labeled_{n}/pretrain", ["--labeled", labeled])
             else:
-                row["pretrain"] = dict(shared_pre or {}, shared=True)
-                init = ["--init-from", (shared_pre or {}).get("reused", str(root / "pretrain"))]
+                assert shared is not None
+                row["pretrain"], pre_run = dict(shared[0], shared=True), shared[1]
+            init = ["--init-from", str(pre_run)]
         ft_method = method if "finetune" in info.stages else "supervised"
         ft = stage_dir / "finetune"
         row["finetune"] = run_stage(

@@ -17,7 +17,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from medcl_cli import metrics
-from medcl_cli.data.folder import SPLITS, DatasetFolder, write_csv_atomic, write_json_atomic
+from medcl_cli.data.folder import SPLITS, DatasetFolder, write_csv_atomic, write_json_atomic, write_text_atomic
 from medcl_cli.data.io import grid_difference, read_image, same_grid
 from medcl_cli.errors import InputNotFoundError, InvalidDataError, OutputError, UsageError
 from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, volume_array
@@ -173,9 +173,9 @@ def evaluate_dataset(
     write_csv_atomic(summary, out / "metrics_summary.csv")
     write_json_atomic(js, out / "summary.json")
     if report:
-        from medcl_cli.report_html import render_report, write_report
+        from medcl_cli.report_html import render_report
 
-        write_report(out / "report.html", render_report(per_case, summary, js, panels))
+        write_text_atomic(render_report(per_case, summary, js, panels), out / "report.html")
     return EvalResult(out=out, per_case=per_case, summary=summary, summary_json=js, skipped=skipped)
 
 

@@ -12,13 +12,11 @@ import base64
 import html
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medcl_cli.data.folder import write_text_atomic
 from medcl_cli.overlays import COLOURS
 
 PANEL_SLICES = 3  # middle slices shown per case
@@ -159,8 +157,3 @@ the image diagonal in mm. No case is dropped from a mean.</p>
 </body></html>
 """
 
-
-def write_report(path: Path, page: str) -> Path:
-    """Write the page atomically."""
-    write_text_atomic(page, path)
-    return path

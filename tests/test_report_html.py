@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from medcl_cli import metrics
-from medcl_cli.report_html import case_panel, middle_slices, render_report, write_report
+from medcl_cli.data.folder import write_text_atomic
+from medcl_cli.report_html import case_panel, middle_slices, render_report
 
 
 def _fake_eval(n_cases: int = 3):
@@ -50,7 +51,8 @@ def test_page_is_self_contained_and_orders_worst_first(tmp_path):
     means = per_case.groupby("case_id")["dice"].mean()
     assert order == list(means.sort_values().index), "cases must be listed worst first"
     assert order[-1] == "case_0000"
-    out = write_report(tmp_path / "report.html", page)
+    out = tmp_path / "report.html"
+    write_text_atomic(page, out)
     assert out.read_text(encoding="utf-8") == page
 
 
@@ -67,7 +69,7 @@ def test_report_renders_in_a_headless_browser(tmp_path):
         pytest.skip(msg)
     per_case, summary, panels = _fake_eval()
     page = tmp_path / "report.html"
-    write_report(page, render_report(per_case, summary, {"method": "gcl", "split": "val"}, panels))
+    write_text_atomic(render_report(per_case, summary, {"method": "gcl", "split": "val"}, panels), page)
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",

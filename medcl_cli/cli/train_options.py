@@ -84,7 +84,7 @@ def _relaunch_args(stage: str, opts: dict[str, Any]) -> list[str]:
 
 def resolve_config(stage: str, opts: dict[str, Any]) -> tuple[Any, Path, Path]:
     """(Config, dataset path, run folder) from the options; --resume reuses the run's own config."""
-    from medcl_cli.config import load_config
+    from medcl_cli.config import load_config, load_method_config, with_overrides
     from medcl_cli.errors import InputNotFoundError, UsageError
     from medcl_cli.methods import REGISTRY, get_info
 
@@ -106,19 +106,12 @@ def resolve_config(stage: str, opts: dict[str, Any]) -> tuple[Any, Path, Path]:
         if not cfg_file.is_file():
             raise InputNotFoundError(f"cannot resume: {cfg_file} not found", "give the --out folder of a medcl run")
         keep = {k: flags[k] for k in ("train.steps", "train.device")}
-        cfg = load_config([cfg_file], None, None)
-        from medcl_cli.config import with_overrides
-
-        cfg = with_overrides(cfg, keep)
+        cfg = with_overrides(load_config([cfg_file], None, None), keep)
         data = opts.get("data")
         if data is None:
             info = json.loads((Path(resume) / "run.json").read_text(encoding="utf-8"))
             data = Path(info["dataset"]["path"])
         return cfg, Path(data), Path(resume)
-    from medcl_cli.config import with_overrides
-
-    from medcl_cli.config import load_method_config
-
     cfg = with_overrides(load_method_config(opts.get("method"), opts.get("config"), opts.get("sets")), flags)
     if opts.get("data") is None:
         raise UsageError("--data is required", f"example: medcl {stage} --data DATASET --out RUN")
