@@ -83,3 +83,12 @@ def test_predict_benchmark_smoke(shared_data, tmp_path):
     assert js["median_ratio_predict_to_forward"] > 0  # one repeat on a shared CPU: no ordering is reliable
     assert js["predict"]["peak_rss_mb"] > 0 and js["cli"]["total_seconds"] > 0
     assert "| forward passes only |" in res.stdout
+
+
+def test_acdc_runner_refuses_a_bad_label_count(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "acdc.py"), "--out", str(tmp_path / "b"), "--labeled", "3,few"],
+        capture_output=True, text=True,
+    )
+    assert res.returncode != 0 and "--labeled: 'few' is neither a label count nor all" in res.stderr
+    assert "Traceback" not in res.stderr
