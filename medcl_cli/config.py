@@ -207,6 +207,7 @@ class ARCOConfig:
     sampler: str = "sg"  # sg (paper default) | sag | ns | index_order (the official code's index-order groups)
     grid: int = 4  # SG/SAG: G x G spatial cells per class (paper: 9, 16 or 25 cells; code: 16 blocks)
     eval_net: str = "teacher"  # network validated and exported: teacher (EMA) | student (the code saves the student)
+    labeled_fraction: float | None = None  # labelled share of each batch; None = train's (paper, code: 1/2)
     # stage 1, relational pre-training: L_sup + L_inst^global + L_inst^local
     tau_s: float = 0.1  # student temperature of the relational KL (paper and code)
     tau_t: float = 0.01  # teacher temperature (paper; the code uses 0.1)

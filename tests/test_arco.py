@@ -20,6 +20,7 @@ from medcl_cli.data.augment import make_views
 from medcl_cli.data.batches import BatchSource, labeled_patients, make_sampler, mark_labeled
 from medcl_cli.data.dataset import open_slices
 from medcl_cli.engine import checkpoint as ckpt_io
+from medcl_cli.engine.loop import FitRequest, fit
 from medcl_cli.engine.optim import build_optimizer
 from medcl_cli.engine.protocol import DataSpec, call_backward, eval_net, on_step_end
 from medcl_cli.engine.setup import checkpoint_state, restore_state
@@ -27,6 +28,7 @@ from medcl_cli.errors import UsageError
 from medcl_cli.methods.arco import ARCO
 from medcl_cli.methods.arco_bank import ClassBank, cutmix_sources, gather_pixels, point_features
 from medcl_cli.models.unet import UNet, build_unet
+from medcl_cli.report import ListReporter
 
 SIZE = 32
 CHANNELS = (4, 8, 16, 32)
@@ -177,6 +179,20 @@ def test_eval_net_choice_and_config_errors():
         _method("finetune", "arco.sampler=sgg")
     with pytest.raises(UsageError):
         _method("finetune", "arco.unsup_mode=both")
+    with pytest.raises(UsageError, match="arco.labeled_fraction"):
+        _method("pretrain", "arco.labeled_fraction=1")
+
+
+@pytest.mark.parametrize("share,split", [(None, "2 labelled + 2 unlabelled"), (0.75, "3 labelled + 1 unlabelled")])
+def test_arco_labeled_fraction_sets_the_engine_batch_mix(tiny_dataset, tmp_path, share, split):
+    """arco.labeled_fraction overrides train.labeled_fraction_per_batch for arco only (null: the train value)."""
+    tpl = Path(str(importlib.resources.files("medcl_cli.templates") / "arco.yaml"))
+    sets = ["data.image_size=32", "model.channels=[4,8,16,32,64]", "train.batch_size=4", "train.steps=1",
+            "train.val_every=0", "train.device=cpu", "method=arco"]
+    cfg = load_config([tpl], sets + ([f"arco.labeled_fraction={share}"] if share else []))
+    rep = ListReporter()
+    fit(FitRequest(cfg=cfg, stage="pretrain", data=tiny_dataset, out=tmp_path / "r", labeled="2"), rep)
+    assert any(f"batch 4 ({split})" in message for _, message in rep.lines), rep.lines
 
 
 def test_point_features_equal_reading_the_upsampled_maps():

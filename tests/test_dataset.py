@@ -127,6 +127,12 @@ def test_sampler_deterministic_resumable_and_sharded(tiny_dataset):
     # a labelled/unlabelled mix is shared evenly: each rank gets labelled and unlabelled slices
     mix = [make_sampler(s, {"labeled", "unlabeled"}, 8, 0.5, 3, r, 2, 0, 1).local_batch(0) for r in range(2)]
     assert all(s.labeled[m].sum() == 2 for m in mix)
+    # the labelled share sets the split of every batch; a share of 0 or 1 is refused (the mix needs both)
+    three_quarters = make_sampler(s, {"labeled", "unlabeled"}, 8, 0.75, 3, 0, 1, 0, 4)
+    assert three_quarters.counts == [6, 2] and all(s.labeled[b].sum() == 6 for b in three_quarters)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(UsageError, match="labelled share"):
+            make_sampler(s, {"labeled", "unlabeled"}, 8, bad, 3, 0, 1, 0, 4)
     # one epoch of a pool visits each slice once
     sup = make_sampler(s, {"labeled"}, 4, 0.5, 0, 0, 1, 0, 100)
     n = int(s.labeled[s.split_mask("train")].sum())

@@ -139,6 +139,11 @@ def make_sampler(
     lab = train[slices.labeled[train]]
     unl = train[~slices.labeled[train]]
     if "labeled" in needs and "unlabeled" in needs:
+        if not 0.0 < labeled_fraction < 1.0:
+            raise UsageError(
+                f"the labelled share of a batch must be between 0 and 1 (exclusive), found {labeled_fraction}",
+                "set train.labeled_fraction_per_batch (e.g. 0.5: half labelled, half unlabelled)",
+            )
         n_lab = int(round(batch * labeled_fraction))
         n_lab = min(max(n_lab, 1), batch - 1) if batch > 1 else batch
         if len(unl) == 0:  # every patient labelled: the unlabelled stream draws from all training slices

@@ -144,9 +144,9 @@ def _fit(
         torch.manual_seed(D.rank_seed(tcfg.seed, env.rank) + start)
     needs = set(getattr(method, "needs", {"labeled"}))
     n_views = int(getattr(method, "n_views", 1))
-    sampler = make_sampler(
-        slices, needs, tcfg.batch_size, tcfg.labeled_fraction_per_batch, tcfg.seed, env.rank, env.world, start, tcfg.steps
-    )
+    mix = getattr(method, "labeled_fraction", None)  # a method may set its own labelled share (arco)
+    mix = tcfg.labeled_fraction_per_batch if mix is None else float(mix)
+    sampler = make_sampler(slices, needs, tcfg.batch_size, mix, tcfg.seed, env.rank, env.world, start, tcfg.steps)
     workers = auto_workers(cfg.data.num_workers, device.type)
     loader = make_loader(slices, sampler, workers, pin=device.type == "cuda")
     loader.generator = torch.Generator().manual_seed(tcfg.seed)  # keep the global RNG untouched
@@ -160,8 +160,9 @@ def _fit(
         start if req.resume else None,
     )
     run.event("start", step=start, steps=tcfg.steps)
+    mix_note = " ({} labelled + {} unlabelled)".format(*sampler.counts) if len(sampler.counts) == 2 else ""
     rep.log(
-        f"{req.stage} {cfg.method}: {tcfg.steps} steps, batch {tcfg.batch_size}, "
+        f"{req.stage} {cfg.method}: {tcfg.steps} steps, batch {tcfg.batch_size}{mix_note}, "
         f"{len(patients)} labelled patient(s), {int(slices.split_mask('train').sum())} training slices"
     )
     local_rows = torch.from_numpy(sampler.local_rows())

@@ -74,6 +74,11 @@ def _check(c: Any, spec: Any, net: nn.Module) -> None:
         raise unknown_choice("arco.unsup_mode", c.unsup_mode, ("mask", "weight"))
     if not 0.0 <= c.ema_momentum <= 1.0:
         raise UsageError(f"arco.ema_momentum must be in [0, 1], found {c.ema_momentum}", "the paper uses 0.99")
+    if c.labeled_fraction is not None and not 0.0 < c.labeled_fraction < 1.0:
+        raise UsageError(
+            f"arco.labeled_fraction must be between 0 and 1 (exclusive), found {c.labeled_fraction}",
+            "e.g. --set arco.labeled_fraction=0.75, or null to use train.labeled_fraction_per_batch",
+        )
     if min(c.tau_s, c.tau_t, c.temperature) <= 0:
         raise UsageError("arco temperatures (tau_s, tau_t, temperature) must be > 0")
     if min(c.grid, c.queue_size, c.nn_queue, c.nn_grid, c.bank_size, c.local_cells, c.nn_topk) < 1:
@@ -104,6 +109,7 @@ class ARCO(nn.Module):
         self.c, self.net, self.stage, self.k = c, net, spec.stage, int(spec.num_classes)
         self.sup_cfg = cfg.supervised
         self.n_views = 2 if self.stage == "pretrain" else 1
+        self.labeled_fraction = c.labeled_fraction  # the engine's batch mix; None = train's
         heads: dict[str, nn.Module] = {}
         preds: dict[str, nn.Module] = {}
         if self.stage == "pretrain":
