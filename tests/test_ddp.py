@@ -25,7 +25,10 @@ GLOBAL_B = 8
 
 def compute(rank: int, world: int) -> dict:
     torch.manual_seed(0)
-    model = nn.ModuleDict({"net": UNet(2, 1, 3, channels=(4, 8, 16)), "head": GlobalHead(16, 32, 16)})
+    model = nn.ModuleDict({
+        "net": UNet(2, 1, 3, channels=(4, 8, 16)), "head": GlobalHead(16, 32, 16),
+        "unused": nn.Linear(2, 2),  # no loss reaches it: its gradient must stay None, as in one process
+    })
     if world > 1:
         model = D.convert_sync_batchnorm(model, torch.device("cpu"))
         D.broadcast_module(model)
@@ -48,7 +51,8 @@ def compute(rank: int, world: int) -> dict:
         "contrast": contrast.item(),
         "ce": ce_all.item(),
         "gathered": z1g.detach(),
-        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "no_grad": sorted(n for n, p in model.named_parameters() if p.grad is None),
         "running_mean": net.encoder[1][1].running_mean.clone(),
     }
 
@@ -75,6 +79,46 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.allclose(got["running_mean"], single["running_mean"], atol=1e-5)
         for n, g in single["grads"].items():
             assert torch.allclose(got["grads"][n], g, atol=1e-4, rtol=1e-3), n
+        assert got["no_grad"] == single["no_grad"] == ["unused.bias", "unused.weight"]
+
+
+def _fit_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Rank `rank` of: an uninterrupted 4-step run, and a 2-step run resumed to 4 steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from medcl_cli.config import load_config
+    from medcl_cli.engine.loop import FitRequest, fit
+
+    env = D.DistEnv(rank=rank, world=world, local_rank=rank)
+
+    def cfg(steps: int):
+        sets = {"data.image_size": 32, "train.batch_size": 4, "model.channels": "[8,16,32]", "train.device": "cpu",
+                "train.steps": steps, "train.val_every": 0, "train.deterministic": True, "model.dropout": 0.3,
+                "train.seed": 7, "optim.schedule": "constant"}  # a 2-step cosine would differ
+        return load_config(sets=[f"{k}={v}" for k, v in sets.items()])
+
+    try:
+        fit(FitRequest(cfg=cfg(4), stage="finetune", data=Path(data), out=Path(out) / "full", dist=env))
+        fit(FitRequest(cfg=cfg(2), stage="finetune", data=Path(data), out=Path(out) / "cut", dist=env))
+        fit(FitRequest(cfg=cfg(4), stage="finetune", data=Path(data), out=Path(out) / "cut", dist=env, resume=True))
+    finally:
+        D.shutdown()
+
+
+def test_ddp_resume_restores_every_ranks_generators(tiny_dataset, tmp_path):
+    """Two gloo ranks with dropout: a run cut at step 2 and resumed ends on the weights of an uninterrupted
+    run, which needs rank 1's own RNG stream back (not only rank 0's)."""
+    mp.spawn(_fit_worker, args=(2, D.free_port(), str(tiny_dataset), str(tmp_path)), nprocs=2, join=True)
+    from medcl_cli.engine import checkpoint
+
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4 and len(b["rng_ranks"]) == 2
+    assert not torch.equal(b["rng_ranks"][0]["torch"], b["rng_ranks"][1]["torch"])  # two streams were kept
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_single_process_helpers_are_identities():

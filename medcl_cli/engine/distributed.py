@@ -166,20 +166,37 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: Iterable[nn.Parameter], world: int) -> None:
-    """Mean of every parameter's gradient over the ranks, in one flattened all-reduce."""
+    """Mean of every parameter's gradient over the ranks, in one flattened all-reduce.
+
+    A parameter no rank used this step keeps `grad = None`, as in one process, so the optimiser skips it
+    (no weight decay or momentum step on a zero gradient); one used on some ranks only gets the mean over
+    all ranks, zeros counted, as torch DDP does.
+    """
     if world <= 1:
         return
     ps = [p for p in params if p.requires_grad]
     if not ps:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+    used = torch.tensor([p.grad is not None for p in ps], dtype=parts[0].dtype, device=parts[0].device)
+    flat = torch.cat([*parts, used])  # the "who has a gradient" flags ride in the same all-reduce
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
+    anyone = (flat[-len(ps) :] > 0).tolist()
+    flat = flat[: -len(ps)] / world
     i = 0
-    for p in ps:
+    for p, has in zip(ps, anyone):
         n = p.numel()
-        p.grad = flat[i : i + n].view_as(p).clone()
+        p.grad = flat[i : i + n].view_as(p).clone() if has else None
         i += n
+
+
+def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
+    """Every rank's picklable `obj` in rank order (`[obj]` in one process); a collective: all ranks call it."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module(module: nn.Module) -> None:

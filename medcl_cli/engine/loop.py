@@ -29,7 +29,14 @@ from medcl_cli.engine.device import autocast, describe, resolve_device, resolve_
 from medcl_cli.engine.optim import build_optimizer, lr_at, set_lr
 from medcl_cli.engine.protocol import Method, call_backward, on_step_end
 from medcl_cli.engine.runs import RunFolder, RunReporter, check_out, clear_run_files, now
-from medcl_cli.engine.setup import build_method, checkpoint_state, restore_state, run_info, seed_everything
+from medcl_cli.engine.setup import (
+    build_method,
+    checkpoint_state,
+    restore_state,
+    resume_rank_rng,
+    run_info,
+    seed_everything,
+)
 from medcl_cli.engine.validate import load_val_cases, validate
 from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted, MedclError, UsageError
 from medcl_cli.report import Reporter
@@ -140,8 +147,8 @@ def _fit(
         rep.log(f"resuming {req.out} at step {start}")
     if not req.resume:
         torch.manual_seed(D.rank_seed(tcfg.seed, env.rank))
-    elif env.enabled:  # rank 0's RNG state was saved: give the other ranks their own stream again
-        torch.manual_seed(D.rank_seed(tcfg.seed, env.rank) + start)
+    elif env.enabled:  # restore_state set rank 0's generators; each rank takes back its own
+        resume_rank_rng(state.get("rng_ranks"), env, D.rank_seed(tcfg.seed, env.rank) + start)
     needs = set(getattr(method, "needs", {"labeled"}))
     n_views = int(getattr(method, "n_views", 1))
     mix = getattr(method, "labeled_fraction", None)  # a method may set its own labelled share (arco)
@@ -263,8 +270,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: Any, step: int, best: Any, cfg: Config, req: FitRequest, slices: Any) -> None:
+    rngs = D.gather_objects(env, ckpt_io.rng_state())  # every rank's generators: a resume continues each stream
     if env.is_main:
         state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, full=True)
+        if env.enabled:
+            state["rng_ranks"] = rngs
         ckpt_io.save(run.ckpt_dir / "last.pt", state)
         run.flush()
         run.event("checkpoint", step=step, file="checkpoints/last.pt")

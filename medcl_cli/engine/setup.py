@@ -165,6 +165,17 @@ def restore_state(
     return int(state["step"]), (None if best is None else float(best))
 
 
+def resume_rank_rng(saved: list[dict[str, Any]] | None, env: Any, fallback_seed: int) -> None:
+    """This rank's generators from a DDP checkpoint's `rng_ranks`; a checkpoint from another number of
+    processes (or from before medcl kept every rank's state) gets a fresh stream from `fallback_seed`."""
+    if saved is not None and len(saved) == env.world:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt_io.set_rng_state(saved[env.rank])
+    else:
+        torch.manual_seed(fallback_seed)
+
+
 def run_info(
     req: Any, device: torch.device, dtype: torch.dtype, slices: SliceSet, patients: list[str], info: MethodInfo,
     workers: int, cache_s: float,
