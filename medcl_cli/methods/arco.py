@@ -3,7 +3,8 @@
 "Rethinking Semi-Supervised Medical Image Segmentation: A Variance-Reduction Perspective", arXiv
 2302.01735. A mean-teacher pair (teacher = EMA of the student, `arco.ema_momentum` 0.99) owned by this
 module and saved in its state dict; every batch mixes labelled and unlabelled slices
-(`train.labeled_fraction_per_batch`). The stage comes from `spec.stage`:
+(`arco.labeled_fraction`, or `train.labeled_fraction_per_batch` when null; paper: half). The stage
+comes from `spec.stage`:
 
 - pretrain (relational pre-training, App. E): L_sup (Dice + CE, labelled slices) + L_inst^global +
   L_inst^local. Student on view 1, teacher on view 2. Global: pooled bottleneck -> MLP (+ predictor on
