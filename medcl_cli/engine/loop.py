@@ -270,10 +270,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: Any, step: int, best: Any, cfg: Config, req: FitRequest, slices: Any) -> None:
-    rngs = D.gather_objects(env, ckpt_io.rng_state())  # every rank's generators: a resume continues each stream
+    # under DDP, every rank's generators (a collective: all ranks call it), so a resume continues each stream
+    rngs = D.gather_objects(env, ckpt_io.rng_state()) if env.enabled else None
     if env.is_main:
         state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, full=True)
-        if env.enabled:
+        if rngs is not None:
             state["rng_ranks"] = rngs
         ckpt_io.save(run.ckpt_dir / "last.pt", state)
         run.flush()

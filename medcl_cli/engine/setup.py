@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 import random
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +157,7 @@ def restore_state(
             f"cannot resume: the checkpoint does not match this method/network ({str(exc).splitlines()[0][:200]})",
             "resume with the same medcl version and config, or start a new run with --init-from",
         ) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ckpt_io.set_rng_state(state["rng"])
+    ckpt_io.set_rng_state(state["rng"])
     best = (state.get("best_metric") or {}).get("value")
     return int(state["step"]), (None if best is None else float(best))
 
@@ -169,9 +166,7 @@ def resume_rank_rng(saved: list[dict[str, Any]] | None, env: Any, fallback_seed:
     """This rank's generators from a DDP checkpoint's `rng_ranks`; a checkpoint from another number of
     processes (or from before medcl kept every rank's state) gets a fresh stream from `fallback_seed`."""
     if saved is not None and len(saved) == env.world:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt_io.set_rng_state(saved[env.rank])
+        ckpt_io.set_rng_state(saved[env.rank])
     else:
         torch.manual_seed(fallback_seed)
 
