@@ -146,3 +146,59 @@ def test_nproc_per_node_cli_run(tiny_dataset, tmp_path):
     import json
 
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+def _arco_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """all_gather_rows on uneven shards, then ARCO's two stages for 2 steps with uneven unlabelled shards."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        if world > 1:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+            rows = torch.arange(3 * rank, dtype=torch.float32).reshape(rank, 3) + 100 * rank  # 0 rows, 1 row
+            flags = torch.tensor([True, False, True])[: rank * 3]
+            torch.save({"rows": D.all_gather_rows(rows), "flags": D.all_gather_rows(flags)},
+                       os.path.join(out, f"gather{rank}.pt"))
+        _arco_fit(D.DistEnv(rank=rank, world=world, local_rank=rank), data, out)
+    finally:
+        D.shutdown()
+
+
+def _arco_fit(env: D.DistEnv, data: str, out: str) -> None:
+    import importlib.resources
+    from pathlib import Path
+
+    from medcl_cli.config import load_config
+    from medcl_cli.engine.loop import FitRequest, fit
+
+    tpl = Path(str(importlib.resources.files("medcl_cli.templates") / "arco.yaml"))
+    # global batch 4 with 3 labelled: strided shards give rank 0 no unlabelled slice and rank 1 one
+    sets = ["data.image_size=32", "model.channels=[4,8,16,32,64]", "train.batch_size=4", "train.steps=2",
+            "train.val_every=0", "train.device=cpu", "arco.labeled_fraction=0.75"]
+    cfg = load_config([tpl], sets)
+    run = Path(out) / f"world{env.world}"
+    fit(FitRequest(cfg=cfg, stage="pretrain", data=Path(data), out=run / "pre", labeled="2", dist=env))
+    fit(FitRequest(cfg=cfg, stage="finetune", data=Path(data), out=run / "ft", labeled="2", dist=env,
+                   init_from=run / "pre"))
+
+
+def test_ddp_arco_queues_hold_every_ranks_rows(tiny_dataset, tmp_path):
+    """Under DDP ARCO's queues and banks take every rank's rows (all_gather_rows), so rank 0, which sees no
+    unlabelled slice here, keeps the queues one process keeps with the same global batch."""
+    mp.spawn(_arco_worker, args=(2, D.free_port(), str(tiny_dataset), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"gather{r}.pt", weights_only=True)
+        assert torch.equal(got["rows"], torch.tensor([[100.0, 101.0, 102.0]]))
+        assert torch.equal(got["flags"], torch.tensor([True, False, True]))
+    _arco_worker(0, 1, 0, str(tiny_dataset), str(tmp_path))
+    from medcl_cli.engine import checkpoint
+
+    for stage, keys in (("pre", ("global_queue", "local_queue")), ("ft", ("nn_bank",))):
+        one = checkpoint.load(tmp_path / "world1" / stage / "checkpoints" / "last.pt")["method_state"]
+        two = checkpoint.load(tmp_path / "world2" / stage / "checkpoints" / "last.pt")["method_state"]
+        for k in keys:  # step 0 seeds the queue with its own rows and pushes them again, step 1 pushes once
+            assert int(two[f"{k}.filled"]) == int(one[f"{k}.filled"]) > 0, k
+        if stage == "pre":
+            assert int(one["global_queue.filled"]) == 3  # one unlabelled slice per step
+    two_bank = checkpoint.load(tmp_path / "world2" / "ft" / "checkpoints" / "last.pt")["method_state"]
+    assert int(two_bank["bank.filled"].sum()) > 0

@@ -199,6 +199,29 @@ def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
     return out
 
 
+@torch.no_grad()
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` concatenated in rank order, row counts free to differ (zero included);
+    `x` itself in one process. No gradient: for what goes into queues and memory banks, so every rank
+    keeps the bank one process with the global batch would keep. A collective: all ranks call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    top = max(counts)
+    if top == 0:
+        return x
+    kind = x.dtype
+    pad = torch.zeros((top, *x.shape[1:]), dtype=torch.uint8 if kind == torch.bool else kind, device=x.device)
+    pad[: x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(kind)
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Rank 0's parameters and buffers everywhere (identical starting points)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

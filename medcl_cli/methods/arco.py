@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcl_cli.data.augment import align
+from medcl_cli.engine.distributed import all_gather_rows
 from medcl_cli.errors import UsageError, unknown_choice
 from medcl_cli.methods.arco_bank import (
     SAMPLERS,
@@ -62,6 +63,12 @@ from medcl_cli.methods.supervised import dice_ce
 from medcl_cli.models.heads import DenseHead, GlobalHead, Predictor
 
 PATCH = 8  # pooled pixels per side of a local patch (code: 64x64 patches avg-pooled to 8x8)
+
+
+def _gathered(rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`rows` (None = none) in the dtype of the buffer `like` (its rows' shape), gathered over the ranks."""
+    x = like.new_zeros((0, *like.shape[1:])) if rows is None else rows.detach().to(like.dtype)
+    return all_gather_rows(x)
 
 
 def _check(c: Any, spec: Any, net: nn.Module) -> None:
@@ -153,17 +160,23 @@ class ARCO(nn.Module):
 
     @torch.no_grad()
     def on_step_end(self, step: int) -> None:
-        """EMA update of the teacher (after the optimiser step), then the queue/bank pushes of this step."""
+        """EMA update of the teacher (after the optimiser step), then the queue/bank pushes of this step.
+
+        Under DDP every rank pushes every rank's rows (`all_gather_rows`, rank order), so all ranks keep
+        the queues and banks one process would keep with the global batch (MoCo's rule), not a bank of
+        their own shard each. Every rank gathers every key, an empty one included, so the collectives match.
+        """
         update_ema(self.teacher_net, self.net, self.c.ema_momentum)
         update_ema(self.teacher_heads, self.heads, self.c.ema_momentum)
         p, self._pending = self._pending, {}
-        if "glob" in p:
-            self.global_queue.push(p["glob"])
-            self.local_queue.push(p["loc"])
-        if "bank" in p:
-            self.bank.push(*p["bank"])
-        if "nn" in p:
-            self.nn_bank.push(p["nn"])
+        if self.stage == "pretrain":
+            self.global_queue.push(_gathered(p.get("glob"), self.global_queue.data))
+            self.local_queue.push(_gathered(p.get("loc"), self.local_queue.data))
+            return
+        emb, cls, cell = p.get("bank", (None, None, None))
+        self.bank.push(_gathered(emb, self.bank.emb[0]), _gathered(cls, self.bank.cell[0]),
+                       _gathered(cell, self.bank.cell[0]))
+        self.nn_bank.push(_gathered(p.get("nn"), self.nn_bank.data))
 
     # ---- shared pieces ----------------------------------------------------------------------------
 
@@ -202,9 +215,9 @@ class ARCO(nn.Module):
             patch_rows = rows.repeat_interleave(t_loc.shape[0] // rows.numel())
             t_glob, t_loc = t_glob[rows], t_loc[patch_rows]
             keep = torch.randperm(t_loc.shape[0], device=t_loc.device)[: c.queue_size]
-            if int(self.global_queue.filled) == 0:  # first step: real embeddings, not the random start
-                self.global_queue.push(t_glob)
-                self.local_queue.push(t_loc[keep])
+            if int(self.global_queue.filled) == 0:  # first step: real embeddings (every rank's), not the random start
+                self.global_queue.push(_gathered(t_glob, self.global_queue.data))
+                self.local_queue.push(_gathered(t_loc[keep], self.local_queue.data))
         s_glob = F.normalize(self.predictors["glob"](self.heads["glob"](out.enc[-1])), dim=1)[rows]
         s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)[patch_rows]
         zero = out.logits.sum() * 0.0
@@ -298,11 +311,11 @@ class ARCO(nn.Module):
         contrast = self._contrast(anchors, a_cls_t, protos, p_cls_t, p_cell) if na else zero
         self._pending["bank"] = (protos, p_cls_t, p_cell)
         nn_loss = zero
-        if ub.numel():
+        t_img = F.normalize(t_nn.reshape(ub.numel(), -1), dim=1) if ub.numel() else None
+        if int(self.nn_bank.filled) == 0:  # first step: start from real embeddings, every rank's (code: random ones)
+            self.nn_bank.push(_gathered(t_img, self.nn_bank.data))
+        if t_img is not None:
             s_img = F.normalize(s_nn.reshape(ub.numel(), -1), dim=1)
-            t_img = F.normalize(t_nn.reshape(ub.numel(), -1), dim=1)
-            if int(self.nn_bank.filled) == 0:  # first step: start from real embeddings (code: random ones)
-                self.nn_bank.push(t_img)
             nn_loss = nearest_neighbour_loss(s_img, t_img, self.nn_bank.valid(), c.nn_topk, c.nn_student_grad)
             self._pending["nn"] = t_img
         return contrast, nn_loss
