@@ -1,7 +1,8 @@
 """`predict --format dicom-seg`: the predicted mask as a DICOM Segmentation object (highdicom, optional).
 
-The SEG references the source series frame by frame, so it is only written when the mask's grid is the
-series' own grid: each source file's ImagePositionPatient must fall on a slice of the volume and its
+The SEG references the source series frame by frame (classic files, or the frames of one enhanced
+multi-frame object), so it is only written when the mask's grid is the series' own grid: each source
+image's or frame's ImagePositionPatient must fall on a slice of the volume and its
 ImageOrientationPatient must match the volume's direction (a series resampled on ingest, e.g. for gantry
 tilt, is refused with a clear message). Patient and study attributes are copied from the source only with
 `--allow-phi`; otherwise they are replaced by the case's pseudonymous name and emptied (UIDs are kept: the
@@ -69,40 +70,97 @@ def _pseudonymise(ds: Any, name: str) -> Any:
     return out
 
 
-def _slice_indices(datasets: list[Any], image: sitk.Image) -> list[int]:
-    """The z index of each single-frame source dataset in `image`, checking it lies on the grid."""
+def _frame_item(ds: Any, keyword: str, sequence: str, index: int) -> Any:
+    """`keyword` of frame `index` of an enhanced object: its per-frame functional group, else the shared one."""
+    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups)
+        if items and len(items) > i and sequence in items[i] and items[i][sequence].value:
+            value = items[i][sequence][0].get(keyword)
+            if value is not None:
+                return value
+    return None
+
+
+def _slice_index(ipp: Any, iop: Any, rows: int, cols: int, image: sitk.Image) -> int:
+    """The z index of a source image (or frame) in `image`, checking that it lies on the volume's grid."""
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    indices = []
-    for ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InvalidDataError(
-                "--format dicom-seg supports single-frame source images only (found an enhanced multi-frame object)",
-                "use the NIfTI output for multi-frame series",
-            )
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-        if not np.allclose(iop, np.concatenate([direction[:, 0], direction[:, 1]]), atol=1e-3):
-            raise InvalidDataError(
-                "the DICOM series' orientation differs from the predicted volume's (it was resampled on reading)",
-                "DICOM SEG needs the series' own grid; use the NIfTI output for this series",
-            )
-        cont = image.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
-        k = int(round(cont[2]))
-        if abs(cont[0]) > 1e-2 or abs(cont[1]) > 1e-2 or abs(cont[2] - k) > 1e-2 or not 0 <= k < image.GetSize()[2]:
-            raise InvalidDataError(
-                "a DICOM source image does not lie on a slice of the predicted volume (resampled or irregular series)",
-                "DICOM SEG needs the series' own grid; use the NIfTI output for this series",
-            )
-        if (int(ds.Rows), int(ds.Columns)) != (image.GetSize()[1], image.GetSize()[0]):
-            raise InvalidDataError(
-                f"DICOM image matrix {ds.Rows}x{ds.Columns} differs from the volume's {image.GetSize()[1]}x{image.GetSize()[0]}"
-            )
-        indices.append(k)
+    if ipp is None or iop is None:
+        raise InvalidDataError(
+            "a DICOM source image has no position or orientation in the patient",
+            "DICOM SEG needs positioned images; use the NIfTI output for this series",
+        )
+    expected = np.concatenate([direction[:, 0], direction[:, 1]])
+    if not np.allclose(np.asarray([float(v) for v in iop]), expected, atol=1e-3):
+        raise InvalidDataError(
+            "the DICOM series' orientation differs from the predicted volume's (it was resampled on reading)",
+            "DICOM SEG needs the series' own grid; use the NIfTI output for this series",
+        )
+    cont = image.TransformPhysicalPointToContinuousIndex([float(v) for v in ipp])
+    k = int(round(cont[2]))
+    if abs(cont[0]) > 1e-2 or abs(cont[1]) > 1e-2 or abs(cont[2] - k) > 1e-2 or not 0 <= k < image.GetSize()[2]:
+        raise InvalidDataError(
+            "a DICOM source image does not lie on a slice of the predicted volume (resampled or irregular series)",
+            "DICOM SEG needs the series' own grid; use the NIfTI output for this series",
+        )
+    if (rows, cols) != (image.GetSize()[1], image.GetSize()[0]):
+        raise InvalidDataError(
+            f"DICOM image matrix {rows}x{cols} differs from the volume's {image.GetSize()[1]}x{image.GetSize()[0]}"
+        )
+    return k
+
+
+def _unique(indices: list[int]) -> list[int]:
     if len(set(indices)) != len(indices):
         raise InvalidDataError(
             "two source images of the series share one slice position",
             "DICOM SEG cannot reference duplicate positions; use the NIfTI output for this series",
         )
     return indices
+
+
+def _slice_indices(datasets: list[Any], image: sitk.Image) -> list[int]:
+    """The z index of each single-frame source dataset in `image`, checking it lies on the grid."""
+    return _unique([
+        _slice_index(
+            ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), int(ds.Rows), int(ds.Columns), image
+        )
+        for ds in datasets
+    ])
+
+
+def _frame_indices(ds: Any, frames: list[int], image: sitk.Image) -> list[int]:
+    """The z index of each listed frame (0-based) of an enhanced multi-frame dataset in `image`."""
+    return _unique([
+        _slice_index(
+            _frame_item(ds, "ImagePositionPatient", "PlanePositionSequence", i),
+            _frame_item(ds, "ImageOrientationPatient", "PlaneOrientationSequence", i),
+            int(ds.Rows), int(ds.Columns), image,
+        )
+        for i in frames
+    ])
+
+
+def _shared_orientation(ds: Any) -> Any:
+    """`ds` with its frames' common orientation (and pixel measures) in the shared functional groups, where
+    highdicom looks for them; vendors (Philips) often repeat them per frame. Only for referencing: the copy
+    is not written anywhere."""
+    import pydicom
+
+    out = copy.deepcopy(ds)
+    shared_seq = out.get("SharedFunctionalGroupsSequence")
+    if not shared_seq:
+        out.SharedFunctionalGroupsSequence = pydicom.Sequence([pydicom.Dataset()])
+    shared = out.SharedFunctionalGroupsSequence[0]
+    per = out.get("PerFrameFunctionalGroupsSequence") or []
+    for sequence in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+        if sequence in shared or not per or sequence not in per[0]:
+            continue
+        first = per[0][sequence].value
+        if all(sequence in item and item[sequence].value == first for item in per):
+            shared[sequence] = copy.deepcopy(per[0][sequence])
+            for item in per:
+                del item[sequence]
+    return out
 
 
 def write_dicom_seg(
@@ -113,26 +171,58 @@ def write_dicom_seg(
     path: Path,
     name: str,
     allow_phi: bool = False,
+    frames: list[tuple[Path, int]] | None = None,
 ) -> Path:
-    """Write the label image as a BINARY DICOM SEG (one segment per foreground class) at `path`, atomically."""
+    """Write the label image as a BINARY DICOM SEG (one segment per foreground class) at `path`, atomically.
+
+    Classic series: one SEG frame per source file. An enhanced multi-frame source: one SEG frame per
+    frame of this volume (`frames`: the (file, 0-based frame) pairs the volume was built from; every frame
+    of the file when absent), at that frame's position, referencing the source frame number(s) there."""
     hd = require_highdicom()
     import pydicom
     from pydicom.sr.codedict import codes
 
     if label.GetDimension() != 3:
         raise InvalidDataError("DICOM SEG output needs a 3D series")
-    datasets = [pydicom.dcmread(str(f)) for f in files]
-    ks = _slice_indices(datasets, image)
-    order = np.argsort(ks)
-    datasets = [datasets[i] for i in order]
-    ks = [ks[i] for i in order]
+    datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]  # highdicom needs headers only
+    volume = sitk.GetArrayFromImage(label)  # (z, rows, cols)
+    classes = sorted(k for k in model.label_map if k > 0)
+    numbers = np.zeros(max(int(volume.max()), max(classes, default=0)) + 1, dtype=np.uint8)
+    for number, cid in enumerate(classes, start=1):  # segment numbers must run 1..N
+        numbers[cid] = number
+    enhanced = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if enhanced:
+        if len(datasets) != 1:
+            raise InvalidDataError(
+                f"the series' slices come from {len(datasets)} files, enhanced multi-frame objects among them; "
+                "a DICOM SEG can reference one multi-frame image only",
+                "use the NIfTI output for this series",
+            )
+        source = datasets[0]
+        mine = sorted({i for f, i in frames or [] if Path(f) == Path(files[0])})
+        mine = mine or list(range(int(source.NumberOfFrames)))
+        ks = _frame_indices(source, mine, image)
+        order = np.argsort(ks)
+        # this volume's frames only, placed by their own positions: highdicom references the source frame(s)
+        # at each position (a file holding several images per position, e.g. Philips magnitude + field map,
+        # gets both referenced: they share the grid)
+        positions = [
+            hd.PlanePositionSequence(
+                hd.CoordinateSystemNames.PATIENT,
+                [float(v) for v in _frame_item(source, "ImagePositionPatient", "PlanePositionSequence", mine[i])],
+            )
+            for i in order
+        ]
+        seg_pixels = numbers[volume[[ks[i] for i in order]]]
+        datasets = [_shared_orientation(source)]
+    else:
+        ks = _slice_indices(datasets, image)
+        order = np.argsort(ks)
+        datasets = [datasets[i] for i in order]
+        seg_pixels = numbers[volume[[ks[i] for i in order]]]  # frames in source order: (frames, rows, cols)
+        positions = None
     if not allow_phi:
         datasets = [_pseudonymise(ds, name) for ds in datasets]
-    classes = sorted(k for k in model.label_map if k > 0)
-    lab = sitk.GetArrayFromImage(label)[ks]  # frames in source order: (frames, rows, cols)
-    seg_pixels = np.zeros(lab.shape, dtype=np.uint8)
-    for number, cid in enumerate(classes, start=1):  # segment numbers must run 1..N
-        seg_pixels[lab == cid] = number
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medcl", version=__version__, family=codes.DCM.ArtificialIntelligence
     )
@@ -162,6 +252,7 @@ def write_dicom_seg(
         device_serial_number=model.run_id[:64] or "medcl",
         content_label="MEDCL",
         omit_empty_frames=False,
+        plane_positions=positions,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")

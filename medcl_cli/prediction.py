@@ -39,6 +39,7 @@ class PredictInput:
     load: Callable[[], sitk.Image]
     display: str  # what logs show (a file name, or the pseudonymous series name for DICOM)
     info: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields from the reader
+    frames: list[tuple[Path, int]] = field(default_factory=list)  # DICOM: (file, 0-based frame) of each slice
 
 
 @dataclass
@@ -188,7 +189,7 @@ def predict_all(
                 from medcl_cli.dicom_seg import write_dicom_seg
 
                 seg_path = out / f"{item.name}.seg.dcm"
-                write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi)
+                write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi, item.frames)
                 extra["dicom_seg"] = seg_path.name
             write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)

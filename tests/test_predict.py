@@ -121,6 +121,62 @@ def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys):
     assert arr.any()
 
 
+def _frame_position(ds, index: int) -> np.ndarray:
+    groups = ds.PerFrameFunctionalGroupsSequence[index]
+    holder = groups if "PlanePositionSequence" in groups else ds.SharedFunctionalGroupsSequence[0]
+    seq = holder.PlanePositionSequence
+    return np.asarray([float(v) for v in seq[0].ImagePositionPatient])
+
+
+@pytest.mark.parametrize("vendor,volumes", [("Siemens", 4), ("Philips", 2)])
+def test_dicom_seg_references_the_frames_of_enhanced_multiframe_sources(
+    run, tmp_path, capsys, shared_data, vendor, volumes
+):
+    """Real enhanced MR: Siemens XA10 (4 files, one time point each) and Philips (one file, magnitude + field
+    map at the same 32 positions). Each volume's SEG has one frame per slice, on the slice's position, and
+    references source frames of its own file at that position; the mask read back equals the NIfTI."""
+    pytest.importorskip("highdicom")
+    import pydicom
+
+    src = shared_data("dcm_qa_enh_multiframe") / "In" / vendor
+    out = tmp_path / "out"
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(src), "--out", str(out), "--format", "dicom-seg")
+    assert code == 0, err
+    segs = sorted(out.glob("*.seg.dcm"))
+    assert len(segs) == volumes
+    headers = (pydicom.dcmread(str(f), stop_before_pixels=True) for f in src.rglob("*.dcm"))
+    sources = {ds.SOPInstanceUID: ds for ds in headers}
+    phi = {str(ds.get(k, "")) for ds in sources.values() for k in ("PatientName", "InstitutionName")} - {""}
+    assert phi
+    used_files = set()
+    for seg_path in segs:
+        seg = pydicom.dcmread(str(seg_path))
+        raw = seg_path.read_bytes().decode("latin1")
+        assert not [p for p in phi if p in raw]
+        mask = read_image(out / (seg_path.name[: -len(".seg.dcm")] + ".nii.gz"))
+        arr = sitk.GetArrayFromImage(mask)
+        frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+        assert "PatientAge" not in seg and len(frames) == arr.shape[0] * max(1, len(seg.SegmentSequence))
+        seen = set()
+        for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
+            ipp = np.asarray([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+            k = round(mask.TransformPhysicalPointToContinuousIndex(ipp.tolist())[2])
+            ident = fg if "SegmentIdentificationSequence" in fg else seg.SharedFunctionalGroupsSequence[0]
+            number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            np.testing.assert_array_equal(frames[i] > 0, arr[k] == number)
+            seen.add(k)
+            refs = fg.DerivationImageSequence[0].SourceImageSequence
+            assert len(refs) >= 1
+            for ref in refs:
+                source = sources[ref.ReferencedSOPInstanceUID]
+                used_files.add(ref.ReferencedSOPInstanceUID)
+                frame = int(ref.ReferencedFrameNumber)
+                assert 1 <= frame <= int(source.NumberOfFrames)
+                np.testing.assert_allclose(_frame_position(source, frame - 1), ipp, atol=1e-3)
+        assert seen == set(range(arr.shape[0]))  # every slice of the volume, each on its own position
+    assert len(used_files) == (4 if vendor == "Siemens" else 1)
+
+
 def test_missing_highdicom_and_broken_dicom(run, tmp_path, capsys, monkeypatch):
     import sys
 
