@@ -75,7 +75,7 @@ def dicom_inputs(
                 load=functools.partial(read_image, path),
                 display=name,
                 info={"series_flags": flags, "modality": plan.modality},
-                frames=[(Path(f.source.label()), f.index) for f in plan.frames],
+                frames=[(f.source, f.index) for f in plan.frames],
             )
         )
     return inputs, failed

@@ -12,6 +12,7 @@ SEG must point at the images it segments).
 from __future__ import annotations
 
 import copy
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,19 @@ def _pseudonymise(ds: Any, name: str) -> Any:
         if kw in out and kw not in ("PatientName", "PatientID") and kw not in PHI_KEYWORDS_EMPTY and not kw.endswith("UID"):
             delattr(out, kw)
     return out
+
+
+def _read_header(source: Any) -> Any:
+    """The header (no pixel data: highdicom needs the headers only) of a path or a `dicom_scan.Source`, which
+    may be a member of a zip archive."""
+    import pydicom
+
+    if isinstance(source, (str, Path)) or source.member is None:
+        return pydicom.dcmread(str(getattr(source, "path", source)), stop_before_pixels=True)
+    fp, _ = source.open()
+    with fp:
+        data = fp.read()
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)  # an open buffer: datasets get deep-copied
 
 
 def _frame_item(ds: Any, keyword: str, sequence: str, index: int) -> Any:
@@ -171,20 +185,21 @@ def write_dicom_seg(
     path: Path,
     name: str,
     allow_phi: bool = False,
-    frames: list[tuple[Path, int]] | None = None,
+    frames: list[tuple[Any, int]] | None = None,
 ) -> Path:
     """Write the label image as a BINARY DICOM SEG (one segment per foreground class) at `path`, atomically.
 
-    Classic series: one SEG frame per source file. An enhanced multi-frame source: one SEG frame per
-    frame of this volume (`frames`: the (file, 0-based frame) pairs the volume was built from; every frame
-    of the file when absent), at that frame's position, referencing the source frame number(s) there."""
+    `frames`: the (dicom_scan.Source, 0-based frame) pairs the volume was built from (sources may be zip
+    members); without them, `files` are read. Classic series: one SEG frame per source file. An enhanced
+    multi-frame source: one SEG frame per frame of this volume (every frame of the file when `frames` is
+    absent), at that frame's position, referencing the source frame number(s) there."""
     hd = require_highdicom()
-    import pydicom
     from pydicom.sr.codedict import codes
 
     if label.GetDimension() != 3:
         raise InvalidDataError("DICOM SEG output needs a 3D series")
-    datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]  # highdicom needs headers only
+    sources: list[Any] = sorted({src for src, _ in frames}, key=lambda src: src.label()) if frames else list(files)
+    datasets = [_read_header(src) for src in sources]
     volume = sitk.GetArrayFromImage(label)  # (z, rows, cols)
     classes = sorted(k for k in model.label_map if k > 0)
     numbers = np.zeros(max(int(volume.max()), max(classes, default=0)) + 1, dtype=np.uint8)
@@ -199,8 +214,7 @@ def write_dicom_seg(
                 "use the NIfTI output for this series",
             )
         source = datasets[0]
-        mine = sorted({i for f, i in frames or [] if Path(f) == Path(files[0])})
-        mine = mine or list(range(int(source.NumberOfFrames)))
+        mine = sorted({i for _, i in frames or []}) or list(range(int(source.NumberOfFrames)))
         ks = _frame_indices(source, mine, image)
         order = np.argsort(ks)
         # this volume's frames only, placed by their own positions: highdicom references the source frame(s)

@@ -39,7 +39,7 @@ class PredictInput:
     load: Callable[[], sitk.Image]
     display: str  # what logs show (a file name, or the pseudonymous series name for DICOM)
     info: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields from the reader
-    frames: list[tuple[Path, int]] = field(default_factory=list)  # DICOM: (file, 0-based frame) of each slice
+    frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (dicom_scan.Source, 0-based frame) per slice
 
 
 @dataclass

@@ -90,15 +90,24 @@ def test_dicom_seg_needs_dicom_inputs(run, tmp_path, capsys):
     assert code == 2 and "DICOM inputs" in err
 
 
-def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys):
+@pytest.mark.parametrize("zipped", [False, True])
+def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys, zipped):
+    """A DICOM folder, or the same files in a zip archive (the SEG writer reads the archive's members)."""
     pytest.importorskip("highdicom")
+    import zipfile
+
     import pydicom
 
     img, _ = V.blob_volume((40, 34, 5), seed=80, scale=500.0)
     files = V.write_dicom_series(V.oblique_image(img, sitk.sitkInt16), tmp_path / "dcm" / "s1", patient="Doe^Jane")
+    src = tmp_path / "dcm"
+    if zipped:
+        src = tmp_path / "series.zip"
+        with zipfile.ZipFile(src, "w") as zf:
+            for f in files:
+                zf.write(f, f.name)
     out = tmp_path / "out"
-    code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "dcm"), "--out", str(out),
-                             "--format", "dicom-seg")
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(src), "--out", str(out), "--format", "dicom-seg")
     assert code == 0, err
     (seg_path,) = list(out.glob("*.seg.dcm"))
     name = seg_path.name[: -len(".seg.dcm")]
