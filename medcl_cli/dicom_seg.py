@@ -142,15 +142,14 @@ def _slice_indices(datasets: list[Any], image: sitk.Image) -> list[int]:
     ])
 
 
-def _frame_indices(ds: Any, frames: list[int], image: sitk.Image) -> list[int]:
-    """The z index of each listed frame (0-based) of an enhanced multi-frame dataset in `image`."""
+def _frame_indices(ds: Any, frames: list[int], ipps: list[Any], image: sitk.Image) -> list[int]:
+    """The z index of each listed frame (0-based; `ipps`: their positions) of an enhanced multi-frame dataset."""
     return _unique([
         _slice_index(
-            _frame_item(ds, "ImagePositionPatient", "PlanePositionSequence", i),
-            _frame_item(ds, "ImageOrientationPatient", "PlaneOrientationSequence", i),
+            ipp, _frame_item(ds, "ImageOrientationPatient", "PlaneOrientationSequence", i),
             int(ds.Rows), int(ds.Columns), image,
         )
-        for i in frames
+        for i, ipp in zip(frames, ipps)
     ])
 
 
@@ -205,8 +204,8 @@ def write_dicom_seg(
     numbers = np.zeros(max(int(volume.max()), max(classes, default=0)) + 1, dtype=np.uint8)
     for number, cid in enumerate(classes, start=1):  # segment numbers must run 1..N
         numbers[cid] = number
-    enhanced = [ds for ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
-    if enhanced:
+    ipps: list[Any] | None = None  # an enhanced source: the positions of this volume's frames
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
         if len(datasets) != 1:
             raise InvalidDataError(
                 f"the series' slices come from {len(datasets)} files, enhanced multi-frame objects among them; "
@@ -215,26 +214,22 @@ def write_dicom_seg(
             )
         source = datasets[0]
         mine = sorted({i for _, i in frames or []}) or list(range(int(source.NumberOfFrames)))
-        ks = _frame_indices(source, mine, image)
-        order = np.argsort(ks)
-        # this volume's frames only, placed by their own positions: highdicom references the source frame(s)
-        # at each position (a file holding several images per position, e.g. Philips magnitude + field map,
-        # gets both referenced: they share the grid)
-        positions = [
-            hd.PlanePositionSequence(
-                hd.CoordinateSystemNames.PATIENT,
-                [float(v) for v in _frame_item(source, "ImagePositionPatient", "PlanePositionSequence", mine[i])],
-            )
-            for i in order
-        ]
-        seg_pixels = numbers[volume[[ks[i] for i in order]]]
+        ipps = [_frame_item(source, "ImagePositionPatient", "PlanePositionSequence", i) for i in mine]
+        ks = _frame_indices(source, mine, ipps, image)
         datasets = [_shared_orientation(source)]
     else:
         ks = _slice_indices(datasets, image)
-        order = np.argsort(ks)
+    order = np.argsort(ks)
+    seg_pixels = numbers[volume[[ks[i] for i in order]]]  # SEG frames in slice order: (frames, rows, cols)
+    if ipps is None:
         datasets = [datasets[i] for i in order]
-        seg_pixels = numbers[volume[[ks[i] for i in order]]]  # frames in source order: (frames, rows, cols)
         positions = None
+    else:
+        # this volume's frames only, placed by their own positions: highdicom references the source frame(s)
+        # at each position (a file holding several images per position, e.g. Philips magnitude + field map,
+        # gets both referenced: they share the grid)
+        positions = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in ipps[i]])
+                     for i in order]
     if not allow_phi:
         datasets = [_pseudonymise(ds, name) for ds in datasets]
     algorithm = hd.AlgorithmIdentificationSequence(
