@@ -206,3 +206,23 @@ def test_missing_highdicom_and_broken_dicom(run, tmp_path, capsys, monkeypatch):
     assert code == 5, err
     assert "1 written" in stdout and "truncated" in err
     assert len(list((tmp_path / "o").glob("series_*.nii.gz"))) == 1
+
+
+def test_dicom_seg_refuses_unplaceable_sources(tmp_path, shared_data):
+    """Two error paths of the SEG writer, each a clear InvalidDataError: slices spread over several
+    enhanced multi-frame files (a SEG references one multi-frame image), and a source without a position."""
+    pytest.importorskip("highdicom")
+    from types import SimpleNamespace
+
+    from medcl_cli.dicom_seg import _slice_index, write_dicom_seg
+    from medcl_cli.errors import InvalidDataError
+
+    siemens = sorted((shared_data("dcm_qa_enh_multiframe") / "In" / "Siemens").rglob("*.dcm"))[:2]
+    assert len(siemens) == 2
+    vol = sitk.Image(64, 64, 6, sitk.sitkUInt8)
+    model = SimpleNamespace(label_map={0: "background", 1: "brain"})
+    with pytest.raises(InvalidDataError, match="come from 2 files"):
+        write_dicom_seg(vol, vol, siemens, model, tmp_path / "x.seg.dcm", "x")
+    assert not (tmp_path / "x.seg.dcm").exists()
+    with pytest.raises(InvalidDataError, match="no position or orientation"):
+        _slice_index(None, [1, 0, 0, 0, 1, 0], 64, 64, vol)
