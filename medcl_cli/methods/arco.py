@@ -71,6 +71,23 @@ def _gathered(rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return all_gather_rows(x)
 
 
+def grouped_forward(net: nn.Module, x: torch.Tensor, lab: torch.Tensor, split: bool) -> Any:
+    """`net(x)`; with `split` and both kinds of rows present, the labelled and the unlabelled rows in two calls
+    (batch norm then normalises each group with its own statistics), outputs reassembled in row order."""
+    if not split or bool(lab.all()) or not bool(lab.any()):
+        return net(x)
+    a, b = net(x[lab]), net(x[~lab])
+    order = torch.cat([torch.nonzero(lab).flatten(), torch.nonzero(~lab).flatten()])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+
+    def cat(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([u, v])[inv]
+
+    return type(a)(cat(a.logits, b.logits), [cat(u, v) for u, v in zip(a.enc, b.enc)],
+                   [cat(u, v) for u, v in zip(a.dec, b.dec)])
+
+
 def _check(c: Any, spec: Any, net: nn.Module) -> None:
     if c.sampler not in SAMPLERS:
         raise unknown_choice("arco.sampler", c.sampler, SAMPLERS)
@@ -97,6 +114,9 @@ def _check(c: Any, spec: Any, net: nn.Module) -> None:
         raise UsageError("arco is implemented for 2D slices", "set model.spatial_dims=2")
     if spec.stage not in ("pretrain", "finetune"):
         raise UsageError(f"arco has no stage '{spec.stage}'", "use medcl pretrain or medcl finetune")
+    if c.split_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise UsageError("arco.split_bn runs in one process only (ranks could call batch norm a different "
+                         "number of times)", "set arco.split_bn=false under torchrun / --nproc-per-node")
 
 
 class ARCO(nn.Module):
@@ -201,14 +221,14 @@ class ARCO(nn.Module):
 
     def _pretrain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         c = self.c
-        out = self.net(batch["image"])
         lab = batch["labeled"].bool()
+        out = grouped_forward(self.net, batch["image"], lab, c.split_bn)
         sup = self._sup(out.logits, batch["label"], lab)
         # heads run on every slice (same BatchNorm calls on every DDP rank); the relational losses and the
         # queues use the unlabelled slices (paper) or all of them (code: `arco.relational_slices=all`)
         rows = ~lab if c.relational_slices == "unlabeled" else torch.ones_like(lab)
         with torch.no_grad():
-            t = self.teacher_net(batch["image2"])
+            t = grouped_forward(self.teacher_net, batch["image2"], lab, c.split_bn)
             t_glob = F.normalize(self.teacher_heads["glob"](t.enc[-1]), dim=1)
             t_logits = align(t.logits, batch["theta2"], batch["theta"])  # onto view 1's grid
             t_loc = self._local(self.teacher_heads["loc"], t_logits)
@@ -237,14 +257,14 @@ class ARCO(nn.Module):
         x, y, lab = batch["image"], batch["label"], batch["labeled"].bool()
         nb, _, h, w = x.shape
         with torch.no_grad():
-            t = self.teacher_net(x)
+            t = grouped_forward(self.teacher_net, x, lab, c.split_bn)
             conf, plabel = torch.softmax(t.logits.float(), dim=1).max(dim=1)
             target = torch.where(lab[:, None, None], y, plabel)
             conf = torch.where(lab[:, None, None], torch.ones_like(conf), conf)
             src = cutmix_sources(lab, (h, w), c.cutmix_area if c.cutmix else 0.0, None)
             x_mix = gather_pixels(x, src)
             target, conf = gather_pixels(target, src), gather_pixels(conf, src)
-        out = self.net(x_mix)
+        out = grouped_forward(self.net, x_mix, lab, c.split_bn)
         sup = self._sup(out.logits, y, lab)
         unl = ~lab
         if bool(unl.any()):
