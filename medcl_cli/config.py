@@ -234,7 +234,7 @@ class ARCOConfig:
     confidence: float = 0.97  # pseudo-label confidence threshold of L_unsup (code strong_threshold)
     anchor_confidence: float = 0.7  # unlabelled pixels enter L_contrast above this confidence (code weak_threshold)
     unsup_mode: str = "mask"  # mask (paper: confident pixels only) | weight (code: all pixels x confident fraction)
-    split_bn: bool = False  # student/teacher forward labelled and unlabelled rows separately (per-group BN statistics)
+    split_bn: bool = True  # labelled and unlabelled rows in separate forwards (per-group BN statistics; code: mixed)
     cutmix: bool = True  # CutMix the unlabelled batch before the student sees it (code default)
     cutmix_area: float = 0.5  # area fraction of the pasted box (ReCo/ARCO code: 1/2)
     nn_topk: int = 5  # neighbours of L_nn (code)

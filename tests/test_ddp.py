@@ -202,3 +202,43 @@ def test_ddp_arco_queues_hold_every_ranks_rows(tiny_dataset, tmp_path):
             assert int(one["global_queue.filled"]) == 3  # one unlabelled slice per step
     two_bank = checkpoint.load(tmp_path / "world2" / "ft" / "checkpoints" / "last.pt")["method_state"]
     assert int(two_bank["bank.filled"].sum()) > 0
+
+
+def _split_forward(rank: int, world: int) -> dict:
+    """arco.split_bn's grouped forward of a 6-row global batch; rank 0's shard has no unlabelled row."""
+    from medcl_cli.methods.arco import grouped_forward
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 3, channels=(4, 8, 16))
+    if world > 1:
+        net = D.convert_sync_batchnorm(net, torch.device("cpu"))
+        D.broadcast_module(net)
+    net.train()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    lab = torch.tensor([True, True, True, True, False, False])
+    x[~lab] = x[~lab] * 3 + 2  # the groups have different statistics
+    sl = slice(rank * 6 // world, (rank + 1) * 6 // world)
+    out = grouped_forward(net, x[sl], lab[sl], True)
+    return {"logits": out.logits.detach(), "running_mean": net.encoder[1][1].running_mean.clone()}
+
+
+def _split_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_split_forward(rank, world), os.path.join(out, f"split{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_split_bn_matches_one_process_when_a_rank_lacks_a_group(tmp_path):
+    """Rank 0 holds 3 labelled rows, rank 1 one labelled and two unlabelled: rank 0 still makes the
+    unlabelled call (on an empty batch), so the synchronised batch norm does not hang, and each rank's
+    rows get the per-group statistics of the whole global batch, as in one process."""
+    mp.spawn(_split_worker, args=(2, D.free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _split_forward(0, 1)
+    got = [torch.load(tmp_path / f"split{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.allclose(torch.cat([g["logits"] for g in got]), single["logits"], atol=1e-5)
+    for g in got:
+        assert torch.allclose(g["running_mean"], single["running_mean"], atol=1e-5)

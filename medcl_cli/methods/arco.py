@@ -26,6 +26,10 @@ Paper vs code (docs/methods.md section 4), paper by default:
   `arco.sampler=index_order`); for bank negatives, which have no position, SAG falls back to SG;
 - L_unsup on confident pixels only (code: all pixels x confident fraction: `arco.unsup_mode=weight`);
 - no TPS-equivariance loss and no adversarial morphing augmentation (code-only, not cheap: not built).
+Neither paper nor code: batch norm per group (`arco.split_bn`, on by default): the student and the
+teacher forward the labelled and the unlabelled rows in two calls (`grouped_forward`), as the code's batch
+mixes them into one call. With one labelled patient the mixed statistics let the network fit that patient
+while predicting every other one as foreground (docs/methods.md, arco).
 Memory: representations are computed at sampled pixels only (the fusion head is 1x1 convolutions over
 bilinearly upsampled decoder maps, so this equals reading the full map there); queues and banks hold
 sampled embeddings only, bounded, on the training device.
@@ -40,6 +44,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,20 +77,31 @@ def _gathered(rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_forward(net: nn.Module, x: torch.Tensor, lab: torch.Tensor, split: bool) -> Any:
-    """`net(x)`; with `split` and both kinds of rows present, the labelled and the unlabelled rows in two calls
-    (batch norm then normalises each group with its own statistics), outputs reassembled in row order."""
-    if not split or bool(lab.all()) or not bool(lab.any()):
+    """`net(x)`; with `split`, the labelled and the unlabelled rows in two calls (batch norm then normalises
+    each group with its own statistics), outputs reassembled in row order.
+
+    A group with no row anywhere is not called. Under DDP the groups present are agreed over the ranks
+    (one all-reduce of two counts) and a rank without rows of a present group calls the network on an empty
+    batch, so every rank makes the same synchronised-batch-norm collectives.
+    """
+    if not split:
         return net(x)
-    a, b = net(x[lab]), net(x[~lab])
-    order = torch.cat([torch.nonzero(lab).flatten(), torch.nonzero(~lab).flatten()])
+    counts = torch.stack([lab.sum(), (~lab).sum()]).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    groups = [g for g, n in zip((lab, ~lab), counts.tolist()) if n > 0]
+    if len(groups) < 2:
+        return net(x)
+    outs = [net(x[g]) for g in groups]
+    order = torch.cat([torch.nonzero(g).flatten() for g in groups])
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
 
-    def cat(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([u, v])[inv]
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts)[inv]
 
-    return type(a)(cat(a.logits, b.logits), [cat(u, v) for u, v in zip(a.enc, b.enc)],
-                   [cat(u, v) for u, v in zip(a.dec, b.dec)])
+    return type(outs[0])(cat([o.logits for o in outs]), [cat(list(t)) for t in zip(*(o.enc for o in outs))],
+                         [cat(list(t)) for t in zip(*(o.dec for o in outs))])
 
 
 def _check(c: Any, spec: Any, net: nn.Module) -> None:
@@ -114,9 +130,6 @@ def _check(c: Any, spec: Any, net: nn.Module) -> None:
         raise UsageError("arco is implemented for 2D slices", "set model.spatial_dims=2")
     if spec.stage not in ("pretrain", "finetune"):
         raise UsageError(f"arco has no stage '{spec.stage}'", "use medcl pretrain or medcl finetune")
-    if c.split_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise UsageError("arco.split_bn runs in one process only (ranks could call batch norm a different "
-                         "number of times)", "set arco.split_bn=false under torchrun / --nproc-per-node")
 
 
 class ARCO(nn.Module):
