@@ -2,7 +2,9 @@
 
     python benchmarks/speed.py [--batch-size 8] [--image-size 128] [--steps 10] [--device auto] [--out DIR]
 
-For every method in `medcl_cli.methods.REGISTRY`: the peak memory measured in a fresh process per method,
+For every method in `medcl_cli.methods.REGISTRY` (a key `METHOD:STAGE` picks a stage; a method with two
+stages, arco, is measured in both: `arco` is its first, `arco:finetune` its second): the peak memory
+measured in a fresh process per method,
 and the median seconds per training step measured with all methods taking turns step by step in one
 process (so background load on a shared machine hits every method alike; `--no-interleave` reports the
 per-process times instead) (forward + method loss + backward + optimizer)
@@ -67,12 +69,15 @@ class Bench:
 
         self.key = key
         self.device = resolve_device(args.device)
-        method_key = "supervised" if key == "basicunet" else key
+        method_key, _, stage = ("supervised" if key == "basicunet" else key).partition(":")
+        stages = get_info(method_key).stages
+        if stage and stage not in stages:
+            raise SystemExit(f"{method_key} has no stage '{stage}' (its stages: {', '.join(stages)})")
         self.cfg = load_config(sets=[f"method={method_key}", f"data.image_size={args.image_size}"])
         self.dtype = resolve_precision(self.cfg.train.precision, self.device)
         slices = open_slices(_dataset(args.image_size, Path(args.data_root)), self.cfg.data)
         mark_labeled(slices, labeled_patients(slices, "3", 0))
-        spec = DataSpec(slices.num_classes, slices.meta_cardinality, get_info(method_key).stages[0], 1)
+        spec = DataSpec(slices.num_classes, slices.meta_cardinality, stage or stages[0], 1)
         torch.manual_seed(0)
         if key == "basicunet":
             from monai.networks.nets import BasicUNet
@@ -92,7 +97,7 @@ class Bench:
 
             method: torch.nn.Module = Plain()
         else:
-            method = load_method_class(key)(build_unet(self.cfg.model, slices.num_classes), self.cfg, spec)
+            method = load_method_class(method_key)(build_unet(self.cfg.model, slices.num_classes), self.cfg, spec)
         self.method = method.to(self.device)
         if self.device.type == "cuda":
             self.method = self.method.to(memory_format=torch.channels_last)
@@ -221,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_one(args.one, args)))
         return 0
 
-    from medcl_cli.methods import REGISTRY
+    from medcl_cli.methods import REGISTRY, get_info
 
-    keys = [k for k in args.methods.split(",") if k] or list(REGISTRY)
+    # a method with two stages (arco) is measured in both: `arco` is its first, `arco:finetune` its second
+    every = [f"{k}:{s}" if i else k for k in REGISTRY for i, s in enumerate(get_info(k).stages)]
+    keys = [k for k in args.methods.split(",") if k] or every
     # supervised is measured first and last (the reference; the faster of the two counts, which damps
     # the effect of other load on a shared machine)
     keys = ["supervised"] + [k for k in keys if k != "supervised"] + ["basicunet", "supervised"]
