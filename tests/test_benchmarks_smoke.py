@@ -92,3 +92,20 @@ def test_acdc_runner_refuses_a_bad_label_count(tmp_path):
     )
     assert res.returncode != 0 and "--labeled: 'few' is neither a label count nor all" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_speed_runner_measures_both_arco_stages(tmp_path):
+    """`arco:finetune` builds the second stage (its representation head, not the pretraining heads); an
+    unknown stage is refused by name; supervised is the reference row."""
+    out = tmp_path / "speed"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--methods", "arco,arco:finetune,arco:nope",
+         "--steps", "1", "--warmup", "0", "--image-size", "32", "--no-interleave", "--device", "cpu",
+         "--out", str(out), "--data-root", str(tmp_path / "data")],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((out / "results.json").read_text())["methods"]
+    assert rows["arco"]["step_s"] > 0 and rows["arco:finetune"]["step_s"] > 0 and rows["supervised"]["step_s"] > 0
+    assert rows["arco:finetune"]["n_params"] != rows["arco"]["n_params"]  # different heads: a different stage
+    assert "has no stage 'nope'" in rows["arco:nope"]["error"]
