@@ -28,8 +28,9 @@ Paper vs code (docs/methods.md section 4), paper by default:
 - no TPS-equivariance loss and no adversarial morphing augmentation (code-only, not cheap: not built).
 Neither paper nor code: batch norm per group (`arco.split_bn`, on by default): the student and the
 teacher forward the labelled and the unlabelled rows in two calls (`grouped_forward`), where the code
-forwards the mixed batch in one call (`arco.split_bn=false`). With one labelled patient the mixed statistics let the network fit that patient
-while predicting every other one as foreground (docs/methods.md, arco).
+forwards the mixed batch in one call (`arco.split_bn=false`). With one labelled patient the mixed
+statistics let the network fit that patient while predicting every other one as foreground (docs/methods.md,
+arco).
 Memory: representations are computed at sampled pixels only (the fusion head is 1x1 convolutions over
 bilinearly upsampled decoder maps, so this equals reading the full map there); queues and banks hold
 sampled embeddings only, bounded, on the training device.
