@@ -144,7 +144,7 @@ def test_enhanced_multiframe_uses_functional_groups(tmp_path):
 
 
 def test_corrupt_truncated_and_non_dicom_files_are_reported(tmp_path):
-    paths = g.write_series(tmp_path / "in", g.volume(4))
+    g.write_series(tmp_path / "in", g.volume(4))
     (tmp_path / "in" / "notes.txt").write_text("not dicom")
     (tmp_path / "in" / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 50)
     extra = g.write_series(tmp_path / "in2", g.volume(3, seed=5))
