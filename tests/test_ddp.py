@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -57,12 +58,13 @@ def compute(rank: int, world: int) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, fn: Any = compute, prefix: str = "rank") -> None:
+    """One gloo rank: `fn(rank, world)` saved as OUT/PREFIX{rank}.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(compute(rank, world), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(fn(rank, world), os.path.join(out, f"{prefix}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -222,21 +224,11 @@ def _split_forward(rank: int, world: int) -> dict:
     return {"logits": out.logits.detach(), "running_mean": net.encoder[1][1].running_mean.clone()}
 
 
-def _split_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(_split_forward(rank, world), os.path.join(out, f"split{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_split_bn_matches_one_process_when_a_rank_lacks_a_group(tmp_path):
     """Rank 0 holds 3 labelled rows, rank 1 one labelled and two unlabelled: rank 0 still makes the
     unlabelled call (on an empty batch), so the synchronised batch norm does not hang, and each rank's
     rows get the per-group statistics of the whole global batch, as in one process."""
-    mp.spawn(_split_worker, args=(2, D.free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, D.free_port(), str(tmp_path), _split_forward, "split"), nprocs=2, join=True)
     single = _split_forward(0, 1)
     got = [torch.load(tmp_path / f"split{r}.pt", weights_only=True) for r in range(2)]
     assert torch.allclose(torch.cat([g["logits"] for g in got]), single["logits"], atol=1e-5)
