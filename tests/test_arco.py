@@ -248,7 +248,7 @@ def test_split_bn_forwards_each_group_with_its_own_batch_statistics():
     """arco.split_bn: labelled and unlabelled rows go through the network in two calls, reassembled in row
     order; in train mode each group equals the network on that group alone (and differs from the joint
     call, whose batch norm mixes them), in eval mode all three agree."""
-    from medcl_cli.methods.arco import grouped_forward
+    from medcl_cli.methods.arco import grouped_forward, row_groups
 
     torch.manual_seed(0)
     net = UNet(2, 1, 3, channels=CHANNELS)
@@ -256,14 +256,14 @@ def test_split_bn_forwards_each_group_with_its_own_batch_statistics():
     x[torch.tensor([1, 3])] += 2.0  # the two groups have different statistics
     lab = torch.tensor([False, True, False, True, False])
     net.train()
-    split = grouped_forward(net, x, lab, True)
+    split = grouped_forward(net, x, row_groups(lab, True))
     assert torch.allclose(split.logits[lab], net(x[lab]).logits, atol=1e-5)
     assert torch.allclose(split.dec[-1][~lab], net(x[~lab]).dec[-1], atol=1e-5)
     assert not torch.allclose(split.logits, net(x).logits, atol=1e-3)
-    assert grouped_forward(net, x, torch.ones(5, dtype=torch.bool), True).logits.shape == split.logits.shape
+    assert grouped_forward(net, x, row_groups(torch.ones(5, dtype=torch.bool), True)).logits.shape == split.logits.shape
     net.eval()
     with torch.no_grad():
-        assert torch.allclose(grouped_forward(net, x, lab, True).logits, net(x).logits, atol=1e-5)
+        assert torch.allclose(grouped_forward(net, x, row_groups(lab, True)).logits, net(x).logits, atol=1e-5)
     for stage in ("pretrain", "finetune"):  # both stages train with it
         logs = _train(_method(stage, "arco.split_bn=true"), 3, _batch())
         assert all(np.isfinite(v) for log in logs for v in log.values())

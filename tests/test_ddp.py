@@ -208,7 +208,7 @@ def test_ddp_arco_queues_hold_every_ranks_rows(tiny_dataset, tmp_path):
 
 def _split_forward(rank: int, world: int) -> dict:
     """arco.split_bn's grouped forward of a 6-row global batch; rank 0's shard has no unlabelled row."""
-    from medcl_cli.methods.arco import grouped_forward
+    from medcl_cli.methods.arco import grouped_forward, row_groups
 
     torch.manual_seed(0)
     net = UNet(2, 1, 3, channels=(4, 8, 16))
@@ -220,7 +220,7 @@ def _split_forward(rank: int, world: int) -> dict:
     lab = torch.tensor([True, True, True, True, False, False])
     x[~lab] = x[~lab] * 3 + 2  # the groups have different statistics
     sl = slice(rank * 6 // world, (rank + 1) * 6 // world)
-    out = grouped_forward(net, x[sl], lab[sl], True)
+    out = grouped_forward(net, x[sl], row_groups(lab[sl], True))
     return {"logits": out.logits.detach(), "running_mean": net.encoder[1][1].running_mean.clone()}
 
 

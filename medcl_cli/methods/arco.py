@@ -77,21 +77,29 @@ def _gathered(rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return all_gather_rows(x)
 
 
-def grouped_forward(net: nn.Module, x: torch.Tensor, lab: torch.Tensor, split: bool) -> Any:
-    """`net(x)`; with `split`, the labelled and the unlabelled rows in two calls (batch norm then normalises
-    each group with its own statistics), outputs reassembled in row order.
+def row_groups(lab: torch.Tensor, split: bool) -> list[torch.Tensor]:
+    """The row masks `grouped_forward` calls the network on: [] for one call over the whole batch (no
+    `split`, or only one group present), else [labelled, unlabelled].
 
-    A group with no row anywhere is not called. Under DDP the groups present are agreed over the ranks
-    (one all-reduce of two counts) and a rank without rows of a present group calls the network on an empty
-    batch, so every rank makes the same synchronised-batch-norm collectives.
+    Under DDP the groups present are agreed over the ranks (one all-reduce of two counts), so a rank
+    without rows of a present group still gets its (empty) mask. Computed once per step and shared by the
+    student's and the teacher's forward.
     """
     if not split:
-        return net(x)
+        return []
     counts = torch.stack([lab.sum(), (~lab).sum()]).float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
     groups = [g for g, n in zip((lab, ~lab), counts.tolist()) if n > 0]
-    if len(groups) < 2:
+    return groups if len(groups) == 2 else []
+
+
+def grouped_forward(net: nn.Module, x: torch.Tensor, groups: list[torch.Tensor]) -> Any:
+    """`net(x)`; with `groups` (`row_groups`), one call per group (batch norm then normalises each group
+    with its own statistics), outputs reassembled in row order. A rank without rows of a group calls the
+    network on an empty batch, so every rank makes the same synchronised-batch-norm collectives.
+    """
+    if not groups:
         return net(x)
     outs = [net(x[g]) for g in groups]
     order = torch.cat([torch.nonzero(g).flatten() for g in groups])
@@ -236,13 +244,14 @@ class ARCO(nn.Module):
     def _pretrain(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         c = self.c
         lab = batch["labeled"].bool()
-        out = grouped_forward(self.net, batch["image"], lab, c.split_bn)
+        groups = row_groups(lab, c.split_bn)
+        out = grouped_forward(self.net, batch["image"], groups)
         sup = self._sup(out.logits, batch["label"], lab)
         # heads run on every slice (same BatchNorm calls on every DDP rank); the relational losses and the
         # queues use the unlabelled slices (paper) or all of them (code: `arco.relational_slices=all`)
         rows = ~lab if c.relational_slices == "unlabeled" else torch.ones_like(lab)
         with torch.no_grad():
-            t = grouped_forward(self.teacher_net, batch["image2"], lab, c.split_bn)
+            t = grouped_forward(self.teacher_net, batch["image2"], groups)
             t_glob = F.normalize(self.teacher_heads["glob"](t.enc[-1]), dim=1)
             t_logits = align(t.logits, batch["theta2"], batch["theta"])  # onto view 1's grid
             t_loc = self._local(self.teacher_heads["loc"], t_logits)
@@ -270,15 +279,16 @@ class ARCO(nn.Module):
         c = self.c
         x, y, lab = batch["image"], batch["label"], batch["labeled"].bool()
         nb, _, h, w = x.shape
+        groups = row_groups(lab, c.split_bn)
         with torch.no_grad():
-            t = grouped_forward(self.teacher_net, x, lab, c.split_bn)
+            t = grouped_forward(self.teacher_net, x, groups)
             conf, plabel = torch.softmax(t.logits.float(), dim=1).max(dim=1)
             target = torch.where(lab[:, None, None], y, plabel)
             conf = torch.where(lab[:, None, None], torch.ones_like(conf), conf)
             src = cutmix_sources(lab, (h, w), c.cutmix_area if c.cutmix else 0.0, None)
             x_mix = gather_pixels(x, src)
             target, conf = gather_pixels(target, src), gather_pixels(conf, src)
-        out = grouped_forward(self.net, x_mix, lab, c.split_bn)
+        out = grouped_forward(self.net, x_mix, groups)
         sup = self._sup(out.logits, y, lab)
         unl = ~lab
         if bool(unl.any()):
