@@ -122,6 +122,23 @@ def test_kill9_training_resumes_to_the_same_weights(tiny_dataset, tmp_path, caps
     assert not list(cut.rglob(".tmp-*"))
 
 
+def test_resume_removes_the_temporaries_of_a_write_the_kill_interrupted(tmp_path):
+    # a kill -9 inside atomic_path leaves its .tmp-* file (the kill test above hits that window now and then)
+    from medcl_cli.engine.runs import RunFolder
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    stale = [run / ".tmp-k1.txt", run / "checkpoints" / ".tmp-k2.pt"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    (run / "checkpoints" / "last.pt").write_bytes(b"kept")
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    RunFolder(run).start({"method": "supervised"}, "x: 1\n", resume_step=3)
+    assert not any(p.exists() for p in stale)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"kept"
+    assert json.loads((run / "run.json").read_text())["resumed"][0]["at_step"] == 3
+
+
 def test_kill9_predict_completes_only_missing_cases(tmp_path, capsys):
     run = V.write_run(tmp_path / "run")
     src = tmp_path / "scans"
