@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medcl_cli import __version__
+from medcl_cli.data.integrity import atomic_path
 from medcl_cli.errors import InvalidDataError, UsageError
 from medcl_cli.inference import LoadedModel
 
@@ -263,12 +263,6 @@ def write_dicom_seg(
         omit_empty_frames=False,
         plane_positions=positions,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        seg.save_as(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, ".dcm") as tmp:
+        seg.save_as(tmp)
     return path

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from medcl_cli import __version__
 from medcl_cli.data.folder import write_json_atomic
+from medcl_cli.data.integrity import remove_stale_temporaries
 from medcl_cli.data.io import geometry, is_volume_file, read_image, strip_suffix, write_image
 from medcl_cli.errors import InputNotFoundError, MedclError, OutputError, UsageError
 from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, sha256_files
@@ -171,6 +172,7 @@ def predict_all(
         raise OutputError(f"cannot create the output folder {out}: {exc.strerror}", "choose a writable --out") from None
     if not os.access(out, os.W_OK):
         raise OutputError(f"output folder {out} is not writable", "choose a writable --out")
+    remove_stale_temporaries(out)  # what a killed earlier run's interrupted writes left
     res = PredictResult()
     t0 = time.perf_counter()
     rep.start(TASK, len(inputs))

@@ -122,19 +122,34 @@ def test_kill9_training_resumes_to_the_same_weights(tiny_dataset, tmp_path, caps
     assert not list(cut.rglob(".tmp-*"))
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_resume_removes_the_temporaries_of_a_write_the_kill_interrupted(tmp_path):
-    # a kill -9 inside atomic_path leaves its .tmp-* file (the kill test above hits that window now and then)
+    # a kill -9 inside atomic_path leaves its .tmp-<pid>-* file (the kill test above hits that window now and then)
     from medcl_cli.engine.runs import RunFolder
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    stale = [run / ".tmp-k1.txt", run / "checkpoints" / ".tmp-k2.pt"]
+    dead = _dead_pid()
+    stale = [run / f".tmp-{dead}-k1.txt", run / "checkpoints" / f".tmp-{dead}-k2.pt"]
     for p in stale:
         p.write_bytes(b"partial")
-    (run / "checkpoints" / "last.pt").write_bytes(b"kept")
-    (run / "run.json").write_text(json.dumps({"status": "running"}))
-    RunFolder(run).start({"method": "supervised"}, "x: 1\n", resume_step=3)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writing = run / f".tmp-{live.pid}-k3.txt"  # another live process's write in progress: left alone
+        writing.write_bytes(b"partial")
+        (run / "checkpoints" / "last.pt").write_bytes(b"kept")
+        (run / "run.json").write_text(json.dumps({"status": "running"}))
+        RunFolder(run).start({"method": "supervised"}, "x: 1\n", resume_step=3)
+    finally:
+        live.kill()
+        live.wait()
     assert not any(p.exists() for p in stale)
+    assert writing.read_bytes() == b"partial"
     assert (run / "checkpoints" / "last.pt").read_bytes() == b"kept"
     assert json.loads((run / "run.json").read_text())["resumed"][0]["at_step"] == 3
 
@@ -151,10 +166,12 @@ def test_kill9_predict_completes_only_missing_cases(tmp_path, capsys):
                path=out / "scan1.json")
     done = {p.name[:-5] for p in out.glob("*.json")}
     assert 1 <= len(done) < 8
+    (out / f".tmp-{_dead_pid()}-x.nii.gz").write_bytes(b"partial")  # as a kill inside a write leaves it
     code, stdout, err = medcl(capsys, "predict", str(run), str(src), "--out", str(out), "--device", "cpu", "--json")
     assert_clean(code, stdout, err, 0)
     res = json.loads(stdout)
     assert sorted(res["skipped"]) == sorted(done) and sorted(res["written"]) == sorted({f"scan{i}" for i in range(8)} - done)
+    assert not list(out.glob(".tmp-*"))
     for i in range(8):
         assert sitk.ReadImage(str(out / f"scan{i}.nii.gz")).GetSize() == (96, 88, 8)
 

@@ -121,12 +121,13 @@ def atomic_path(path: str | Path, suffix: str, needed: int = 0,
     """A temporary file beside `path` to write into; renamed onto `path` only when the block succeeds.
 
     A failure of type `disk_errors` is first checked against the free space (`raise_if_disk_full`, with
-    `needed` bytes), so a full disk becomes ENOSPC whatever the writer reported. The temporary file never
-    survives: a failed or interrupted write leaves `path` as it was.
+    `needed` bytes), so a full disk becomes ENOSPC whatever the writer reported. A failed or interrupted
+    write leaves `path` as it was, and the temporary file is removed; only a kill -9 can leave it
+    (`.tmp-<pid>-*`), and `remove_stale_temporaries` removes it once that process is gone.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=p.parent)
     os.close(fd)
     try:
         try:
@@ -138,6 +139,25 @@ def atomic_path(path: str | Path, suffix: str, needed: int = 0,
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files `atomic_path` left in `folder` when its process was killed in the middle
+    of a write (a partial checkpoint can be hundreds of MB); a live process's are left alone."""
+    for p in folder.glob(f"{TMP_PREFIX}*"):
+        if _left_by_dead_process(p.name, TMP_PREFIX) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _left_by_dead_process(name: str, prefix: str) -> bool:
+    """`name` is `<prefix><pid>-...` and process `pid`, not this one, no longer exists."""
+    import re
+
+    m = re.match(re.escape(prefix) + r"(\d+)-", name)
+    return m is not None and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1)))
 
 
 def _process_alive(pid: int) -> bool:
@@ -157,17 +177,14 @@ def private_tempdir(prefix: str) -> Iterator[Path]:
     A kill -9 skips that removal, and what these folders hold (volumes converted from DICOM, slice
     copies) should not pile up in /tmp: folders of the same prefix left by processes that no longer
     exist (and owned by this user) are removed first."""
-    import re
     import shutil
 
-    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
     for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        m = pattern.match(old.name)
         try:
             mine = old.is_dir() and old.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if m and mine and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+        if mine and _left_by_dead_process(old.name, prefix):
             shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as work:
         yield Path(work)

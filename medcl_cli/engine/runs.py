@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medcl_cli.data.folder import write_json_atomic
-from medcl_cli.data.integrity import atomic_path
+from medcl_cli.data.integrity import atomic_path, remove_stale_temporaries
 from medcl_cli.errors import InputNotFoundError, OutputError
 from medcl_cli.report import NullReporter, Reporter
 
@@ -73,8 +73,9 @@ class RunFolder:
             with open(self.root / "log.txt", "a", encoding="utf-8") as fh:
                 fh.writelines(self._pending)
             self._pending.clear()
-        if resume_step is not None:
-            self._remove_stale_temporaries()
+        if resume_step is not None:  # what the killed run's interrupted writes left
+            remove_stale_temporaries(self.root)
+            remove_stale_temporaries(self.ckpt_dir)
         old = self.root / "run.json"
         if resume_step is not None and old.is_file():
             prev = json.loads(old.read_text(encoding="utf-8"))
@@ -87,14 +88,6 @@ class RunFolder:
                 csv.writer(fh).writerow(["step", "split", "metric", "value"])
         self.info = {**info, "status": "running", "exit_code": None}
         self.save_info()
-
-    def _remove_stale_temporaries(self) -> None:
-        """On --resume: the `.tmp-*` files an atomic write left when the previous process was killed in the
-        middle of it (a checkpoint can be hundreds of MB). The resumed run is the folder's only writer."""
-        for folder in (self.root, self.ckpt_dir):
-            for p in folder.glob(".tmp-*"):
-                if p.is_file():
-                    p.unlink(missing_ok=True)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.root / "metrics.csv"
