@@ -41,8 +41,9 @@ def child(mode: str, run: Path, files: list[Path], repeats: int, batch_size: int
     from medcl_cli.data.io import read_image
     from medcl_cli.data.preprocess import image_slices
     from medcl_cli.engine.device import resolve_device
-    from medcl_cli.inference import load_model, volume_array
-    from medcl_cli.prediction import PredictInput, predict_all
+    from medcl_cli.predict.inference import load_model, volume_array
+    from medcl_cli.predict.item import PredictInput
+    from medcl_cli.predict.runner import predict_all
 
     dev = resolve_device(device)
     model = load_model(run, dev)

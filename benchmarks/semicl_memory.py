@@ -76,7 +76,7 @@ def _build(config: str, size: int, batch: int, data: str, device: Any, preset: s
     """(step function, module) of one configuration on the shared batch."""
     import torch
 
-    from medcl_cli.engine.protocol import DataSpec
+    from medcl_cli.core.protocol import DataSpec
     from medcl_cli.methods.semicl import SemiCL
     from medcl_cli.models.unet import build_unet
 
@@ -152,7 +152,7 @@ def child_loss(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from medcl_cli.methods.losses import local_supcon_parts
+    from medcl_cli.methods.losses.local import local_supcon_parts
     from medcl_cli.methods.semicl import block_pixels, stride_pixels
 
     torch.set_num_threads(args.threads)

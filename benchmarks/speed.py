@@ -62,9 +62,9 @@ class Bench:
         from medcl_cli.data.dataset import open_slices
         from medcl_cli.engine.device import resolve_device, resolve_precision
         from medcl_cli.engine.optim import build_optimizer
-        from medcl_cli.engine.protocol import DataSpec
+        from medcl_cli.core.protocol import DataSpec
         from medcl_cli.methods import get_info, load_method_class
-        from medcl_cli.methods.supervised import dice_ce
+        from medcl_cli.methods.losses.segmentation import dice_ce
         from medcl_cli.models.unet import build_unet
 
         self.key = key
@@ -114,7 +114,7 @@ class Bench:
 
         from medcl_cli.data.augment import make_views
         from medcl_cli.engine.device import autocast
-        from medcl_cli.engine.protocol import call_backward, on_step_end
+        from medcl_cli.core.protocol import call_backward, on_step_end
 
         dev = self.device
         t0 = time.perf_counter()

@@ -22,13 +22,13 @@ from medcl_cli.data.dataset import open_slices
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine.loop import FitRequest, fit
 from medcl_cli.engine.optim import build_optimizer
-from medcl_cli.engine.protocol import DataSpec, call_backward, eval_net, on_step_end
+from medcl_cli.core.protocol import DataSpec, call_backward, eval_net, on_step_end
 from medcl_cli.engine.setup import checkpoint_state, restore_state
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.arco import ARCO
 from medcl_cli.methods.arco_bank import ClassBank, cutmix_sources, gather_pixels, point_features
 from medcl_cli.models.unet import UNet, build_unet
-from medcl_cli.report import ListReporter
+from medcl_cli.core.report import ListReporter
 
 SIZE = 32
 CHANNELS = (4, 8, 16, 32)

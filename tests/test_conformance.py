@@ -22,7 +22,7 @@ from medcl_cli.data.dataset import open_slices
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.optim import build_optimizer
-from medcl_cli.engine.protocol import DataSpec, call_backward, eval_net, on_step_end
+from medcl_cli.core.protocol import DataSpec, call_backward, eval_net, on_step_end
 from medcl_cli.engine.setup import checkpoint_state, restore_state
 from medcl_cli.methods import REGISTRY, get_info, load_method_class
 from medcl_cli.models.unet import build_unet

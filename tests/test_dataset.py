@@ -60,7 +60,7 @@ def test_private_tempdir_sweeps_folders_of_dead_processes(tmp_path, monkeypatch)
     import sys
     import tempfile
 
-    from medcl_cli.data.integrity import private_tempdir
+    from medcl_cli.core.files import private_tempdir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

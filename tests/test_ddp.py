@@ -16,8 +16,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from medcl_cli.core import collectives as coll
 from medcl_cli.engine import distributed as D
-from medcl_cli.methods.losses import nt_xent
+from medcl_cli.methods.losses.contrastive import nt_xent
 from medcl_cli.models.heads import GlobalHead
 from medcl_cli.models.unet import UNet
 
@@ -42,12 +43,12 @@ def compute(rank: int, world: int) -> dict:
     net, head = model["net"], model["head"]
     z1 = F.normalize(head(net.encode(x[sl])[-1]), dim=1)
     z2 = F.normalize(head(net.encode(x2[sl])[-1]), dim=1)
-    z1g, z2g = D.gather_with_grad(z1), D.gather_with_grad(z2)
+    z1g, z2g = coll.gather_with_grad(z1), coll.gather_with_grad(z2)
     contrast = nt_xent(z1g, z2g, 0.5)
     ce = F.cross_entropy(net(x[sl]).logits, y[sl])  # a per-pixel mean: global mean = mean of rank means
     (contrast + ce).backward()
     D.average_gradients(model.parameters(), world)
-    ce_all = D.all_reduce_sum(ce.detach()) / world
+    ce_all = coll.all_reduce_sum(ce.detach()) / world
     return {
         "contrast": contrast.item(),
         "ce": ce_all.item(),
@@ -125,7 +126,7 @@ def test_ddp_resume_restores_every_ranks_generators(tiny_dataset, tmp_path):
 
 def test_single_process_helpers_are_identities():
     x = torch.randn(3, 4, requires_grad=True)
-    assert D.gather_with_grad(x) is x and D.all_reduce_sum(x) is x
+    assert coll.gather_with_grad(x) is x and coll.all_reduce_sum(x) is x
     env = D.env_from_torchrun()
     assert env.world >= 1 and D.rank_seed(5, 0) == 5 and D.rank_seed(5, 1) != 5
     bn = D.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))
@@ -159,7 +160,7 @@ def _arco_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
             dist.init_process_group("gloo", rank=rank, world_size=world)
             rows = torch.arange(3 * rank, dtype=torch.float32).reshape(rank, 3) + 100 * rank  # 0 rows, 1 row
             flags = torch.tensor([True, False, True])[: rank * 3]
-            torch.save({"rows": D.all_gather_rows(rows), "flags": D.all_gather_rows(flags)},
+            torch.save({"rows": coll.all_gather_rows(rows), "flags": coll.all_gather_rows(flags)},
                        os.path.join(out, f"gather{rank}.pt"))
         _arco_fit(D.DistEnv(rank=rank, world=world, local_rank=rank), data, out)
     finally:

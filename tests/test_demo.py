@@ -17,9 +17,9 @@ import pytest
 import SimpleITK as sitk
 
 from medcl_cli.cli.app import main
-from medcl_cli.data.demo_dicom import write_demo_dicom
+from medcl_cli.demo.dicom_writer import write_demo_dicom
 from medcl_cli.data.folder import open_dataset
-from medcl_cli.demo import SIZES, ingest_command
+from medcl_cli.demo.chain import SIZES, ingest_command
 
 PHI_VALUES = ("Demo^Patient", "DEMO00", "Demo General Hospital", "Doe^Jane")
 
@@ -133,7 +133,7 @@ def test_demo_full_size_within_budget(tmp_path: Path, capsys) -> None:
 
 def test_getting_started_shows_the_demo_commands_it_runs() -> None:
     """docs/getting-started.md quotes the demo's command lines; they must be the ones the demo plans."""
-    from medcl_cli.demo import training_commands
+    from medcl_cli.demo.chain import training_commands
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "getting-started.md").read_text(encoding="utf-8")
     quoted = [shlex.split(ln.split("$ medcl ", 1)[1]) for ln in doc.splitlines() if "] $ medcl " in ln]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import volumes as V
-from medcl_cli import metrics
+from medcl_cli.evaluate import metrics
 
 
 @pytest.fixture(scope="module")

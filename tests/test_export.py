@@ -21,8 +21,8 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from medcl_cli.cli.app import app
-from medcl_cli.export import export_nnunet, nnunet_folder_name
-from medcl_cli.export_monai import export_monai
+from medcl_cli.export.nnunet import export_nnunet, nnunet_folder_name
+from medcl_cli.export.monai_datalist import export_monai
 from medcl_cli.errors import InvalidDataError, OutputError, UsageError
 
 LABELS = {"0": "background", "1": "RV", "2": "MYO", "3": "LV"}

@@ -337,7 +337,7 @@ def test_text_writers_keep_the_old_file_when_a_write_fails(tmp_path):
     """Every CSV/JSON/HTML/PNG writer goes through atomic_path: a failure mid-write leaves the old file."""
     import pandas as pd
 
-    from medcl_cli.data.folder import write_csv_atomic, write_json_atomic, write_rows_atomic
+    from medcl_cli.core.files import write_csv_atomic, write_json_atomic, write_rows_atomic
 
     class Unwritable:  # json.dumps(default=str) calls str() on it: fails after the file was opened
         def __str__(self) -> str:

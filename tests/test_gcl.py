@@ -10,7 +10,7 @@ import torch
 
 from medcl_cli import config as C
 from medcl_cli.data.augment import make_views, warp
-from medcl_cli.engine.protocol import DataSpec
+from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import EXIT_INVALID, InvalidDataError, UsageError
 from medcl_cli.methods.gcl import GCL, check_meta_labels, slice_parts
 from medcl_cli.methods.gradients import conflict_fraction

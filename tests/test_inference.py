@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import volumes as V
-from medcl_cli import inference as I
+from medcl_cli.predict import inference as I
 from medcl_cli.errors import InputNotFoundError, InvalidDataError
 
 

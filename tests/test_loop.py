@@ -16,7 +16,7 @@ from medcl_cli.engine import checkpoint
 from medcl_cli.engine.loop import FitRequest, fit
 from medcl_cli.engine.optim import lr_at
 from medcl_cli.errors import MedclError
-from medcl_cli.report import ListReporter
+from medcl_cli.core.report import ListReporter
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--device", "cpu", "--set", "model.channels=[8,16,32]"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcl_cli.methods.losses import nt_xent, pixel_supcon, supcon
+from medcl_cli.methods.losses.contrastive import nt_xent, pixel_supcon, supcon
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:

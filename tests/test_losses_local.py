@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcl_cli.methods.losses import local_supcon, local_supcon_blocks, local_supcon_terms
+from medcl_cli.methods.losses.local import local_supcon, local_supcon_blocks, local_supcon_terms
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.methods.semicl import block_pixels, stride_pixels
 
@@ -102,7 +102,7 @@ def test_chunked_rows_and_groups_give_the_same_loss_and_gradient(form):
 
 
 def test_code_form_equals_the_shared_supcon_with_background_anchors_masked():
-    from medcl_cli.methods import losses
+    from medcl_cli.methods.losses import contrastive as losses
 
     if not hasattr(losses, "supcon"):
         pytest.skip("shared supcon not present")

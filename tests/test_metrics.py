@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from medcl_cli import metrics
+from medcl_cli.evaluate import metrics
 
 
 def _surface_loop(mask: np.ndarray) -> np.ndarray:

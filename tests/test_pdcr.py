@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from medcl_cli import config as C
-from medcl_cli.engine.protocol import DataSpec
+from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError
 from medcl_cli.methods import get_info
-from medcl_cli.methods.losses import affinity_contrast
+from medcl_cli.methods.losses.pdcr import affinity_contrast
 from medcl_cli.methods.pdcr import PDCR, unet_receptive_fields
 from medcl_cli.models.uafs import UAFS
 from medcl_cli.models.unet import UNet, build_unet

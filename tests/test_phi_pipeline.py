@@ -19,7 +19,7 @@ import pytest
 
 import dicomgen as g
 import volumes as V
-from medcl_cli.data.demo_dicom import MASK_DESCRIPTION, label_names_option, write_demo_dicom
+from medcl_cli.demo.dicom_writer import MASK_DESCRIPTION, label_names_option, write_demo_dicom
 
 MARK = "QZXPHIMARK"
 BIRTH = "19010203"

@@ -189,7 +189,7 @@ def test_dicom_seg_references_the_frames_of_enhanced_multiframe_sources(
 def test_missing_highdicom_and_broken_dicom(run, tmp_path, capsys, monkeypatch):
     import sys
 
-    from medcl_cli.dicom_seg import require_highdicom
+    from medcl_cli.predict.seg_writer import require_highdicom
     from medcl_cli.errors import UsageError
 
     with monkeypatch.context() as m:
@@ -214,7 +214,7 @@ def test_dicom_seg_refuses_unplaceable_sources(tmp_path, shared_data):
     pytest.importorskip("highdicom")
     from types import SimpleNamespace
 
-    from medcl_cli.dicom_seg import _slice_index, write_dicom_seg
+    from medcl_cli.predict.seg_writer import _slice_index, write_dicom_seg
     from medcl_cli.errors import InvalidDataError
 
     siemens = sorted((shared_data("dcm_qa_enh_multiframe") / "In" / "Siemens").rglob("*.dcm"))[:2]

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medcl_cli import metrics
-from medcl_cli.data.folder import write_text_atomic
-from medcl_cli.report_html import case_panel, middle_slices, render_report
+from medcl_cli.evaluate import metrics
+from medcl_cli.core.files import write_text_atomic
+from medcl_cli.evaluate.report_html import case_panel, middle_slices, render_report
 
 
 def _fake_eval(n_cases: int = 3):

@@ -16,7 +16,7 @@ from medcl_cli.config import load_config
 from medcl_cli.engine import checkpoint
 from medcl_cli.engine.loop import FitRequest, fit
 from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted
-from medcl_cli.report import NullReporter
+from medcl_cli.core.report import NullReporter
 
 
 class KillAt(NullReporter):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medcl_cli.config import load_config
-from medcl_cli.engine.protocol import DataSpec
+from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.semicl import SemiCL
 from medcl_cli.models.unet import UNet
@@ -199,7 +199,7 @@ def test_two_stages_in_one_fit_resume_exactly_and_feed_finetune(tiny_dataset, tm
     ft = tmp_path / "ft"
     cfg = load_config(sets=["data.image_size=32", "train.batch_size=4", "model.channels=[8,16,32]",
                             "train.device=cpu", "train.steps=2", "train.val_every=0"])
-    from medcl_cli.report import ListReporter
+    from medcl_cli.core.report import ListReporter
 
     rep = ListReporter()
     fit(FitRequest(cfg=cfg, stage="finetune", data=tiny_dataset, out=ft, labeled="2",

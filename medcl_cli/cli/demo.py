@@ -68,7 +68,7 @@ def demo(
 
     Example: medcl demo --out demo/
     """
-    from medcl_cli import demo as D
+    from medcl_cli.demo import chain as D
 
     size = D.demo_size(small, steps)
     t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def demo(
     for i, args in enumerate(commands, start=2):
         timings[args[0]] = _run(args, i, total)
     res = D.read_results(out)
-    from medcl_cli.evaluation import summary_table
+    from medcl_cli.evaluate.scoring import summary_table
 
     console.result(f"\nresults on the test split ({res.n_cases} scans; gcl pretraining, fine-tuned on {labelled} patients):")
     for line in summary_table(res.summary):

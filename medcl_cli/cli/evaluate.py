@@ -47,8 +47,8 @@ def evaluate(
     from medcl_cli.config import InferenceConfig
     from medcl_cli.data.folder import open_dataset
     from medcl_cli.engine.device import describe, resolve_device
-    from medcl_cli.evaluation import evaluate_dataset, summary_table
-    from medcl_cli.inference import load_model
+    from medcl_cli.evaluate.scoring import evaluate_dataset, summary_table
+    from medcl_cli.predict.inference import load_model
 
     dev = resolve_device(device or "auto")
     console.info(f"device: {describe(dev)}")

@@ -32,7 +32,7 @@ def export(
 
     Example: medcl export data/ --format nnunet --out nnUNet_raw --dataset-id 501 --name Heart
     """
-    from medcl_cli.export import export_dataset
+    from medcl_cli.export.formats import export_dataset
 
     result = export_dataset(
         dataset, fmt, out, dataset_id=dataset_id, name=name, overwrite=overwrite, copy=copy,

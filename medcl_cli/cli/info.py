@@ -14,7 +14,7 @@ def info(as_json: JsonOpt = False) -> None:
 
     Example: medcl info --json
     """
-    from medcl_cli.info import collect_info
+    from medcl_cli.catalog.info import collect_info
 
     data = collect_info()
     if as_json:

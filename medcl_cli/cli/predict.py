@@ -42,11 +42,12 @@ def predict(
     """
     from medcl_cli.cli.console import ConsoleReporter
     from medcl_cli.config import InferenceConfig
-    from medcl_cli.data.integrity import private_tempdir
+    from medcl_cli.core.files import private_tempdir
     from medcl_cli.engine.device import describe, resolve_device
     from medcl_cli.errors import PartialSuccess
-    from medcl_cli.inference import load_model
-    from medcl_cli.prediction import collect_inputs, ensure_found, predict_all
+    from medcl_cli.predict.inference import load_model
+    from medcl_cli.predict.inputs import collect_inputs, ensure_found
+    from medcl_cli.predict.runner import predict_all
 
     reporter = ConsoleReporter()
     dev = resolve_device(device or "auto")

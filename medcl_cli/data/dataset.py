@@ -23,12 +23,17 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
-from medcl_cli.data.folder import CASES_COLUMNS, META_BASE_COLUMNS, DatasetFolder, open_dataset
-from medcl_cli.data.integrity import private_tempdir
+from medcl_cli.core.files import private_tempdir
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.folder import (
+    CASES_COLUMNS,
+    META_BASE_COLUMNS,
+    DatasetFolder,
+    open_dataset,
+)
 from medcl_cli.data.io import read_image
 from medcl_cli.data.preprocess import image_slices, label_slices
 from medcl_cli.errors import InvalidDataError
-from medcl_cli.report import NullReporter, Reporter
 
 CACHE_VERSION = 1
 _NON_META = set(CASES_COLUMNS) - {"patient"} | set(META_BASE_COLUMNS)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-from medcl_cli.data.integrity import atomic_path
 from medcl_cli.errors import InputNotFoundError, InvalidDataError
 
 FORMAT_VERSION = 1
@@ -147,28 +146,3 @@ def _check_manifest(root: Path, info: Any, cases: pd.DataFrame) -> None:
         )
 
 
-def write_rows_atomic(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
-    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas."""
-    import csv
-
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path, ".csv") as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    """JSON written atomically; values JSON cannot hold (paths, numpy scalars) are written as strings."""
-    write_text_atomic(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """A UTF-8 text file written atomically (see data/integrity.atomic_path)."""
-    with atomic_path(path, ".txt") as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")

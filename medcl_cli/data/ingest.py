@@ -19,16 +19,29 @@ from typing import Any
 
 from medcl_cli import __version__
 from medcl_cli.config import IngestConfig
-from medcl_cli.data.dicom import DicomCase, Frame, ReportRow, ingest_dicom
-from medcl_cli.data.dicom_scan import walk_inputs
-from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION, write_json_atomic, write_rows_atomic
+from medcl_cli.core.files import write_json_atomic, write_rows_atomic
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom.cases import DicomCase, Frame, ReportRow, ingest_dicom
+from medcl_cli.data.dicom.scan import walk_inputs
+from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION
 from medcl_cli.data.ingest_nifti import ingest_nifti
 from medcl_cli.data.ingest_tables import (
-    MetaTable, dicom_meta_rows, label_map, patient_split, read_meta_csv, read_split_file, volume_meta_rows,
+    MetaTable,
+    dicom_meta_rows,
+    label_map,
+    patient_split,
+    read_meta_csv,
+    read_split_file,
+    volume_meta_rows,
 )
-from medcl_cli.data.meta import Redactor, normalised_columns, resolve_keywords, salted_hash, split_phi
+from medcl_cli.data.meta import (
+    Redactor,
+    normalised_columns,
+    resolve_keywords,
+    salted_hash,
+    split_phi,
+)
 from medcl_cli.errors import InputNotFoundError, OutputError, UsageError
-from medcl_cli.report import NullReporter, Reporter
 
 
 @dataclass
@@ -161,7 +174,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         walked.volumes = [v for v in walked.volumes if lab_root not in v.resolve().parents]
     redact = Redactor()
     taken: set[str] = set()
-    from medcl_cli.data.dicom_scan import worker_count
+    from medcl_cli.data.dicom.scan import worker_count
 
     nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
                                      worker_count(req.cfg.workers))

@@ -14,11 +14,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medcl_cli.data.dicom import ReportRow
-from medcl_cli.data.dicom_volume import write_volume
-from medcl_cli.data.io import grid_difference, is_volume_file, read_image, same_grid, strip_suffix
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom.cases import ReportRow
+from medcl_cli.data.dicom.volume import write_volume
+from medcl_cli.data.io import (
+    grid_difference,
+    is_volume_file,
+    read_image,
+    same_grid,
+    strip_suffix,
+)
 from medcl_cli.errors import MedclError
-from medcl_cli.report import NullReporter, Reporter
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -125,7 +131,7 @@ def ingest_nifti(
     if workers > 1 and len(jobs) > 2:
         from concurrent.futures import ProcessPoolExecutor
 
-        from medcl_cli.data.dicom_scan import _context
+        from medcl_cli.data.dicom.scan import _context
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
             results = list(_advancing(pool.map(convert_volume, paths, labs, ids, dirs, chunksize=4), rep))

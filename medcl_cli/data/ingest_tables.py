@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from medcl_cli.data.dicom import DicomCase
+from medcl_cli.data.dicom.cases import DicomCase
 from medcl_cli.data.folder import SPLITS
 from medcl_cli.data.meta import normalised_columns, salted_hash
 from medcl_cli.errors import InputNotFoundError, UsageError
-
 
 MetaTable = tuple[list[str], dict[str, dict[str, str]]]  # (columns without case_id, case_id -> row)
 

@@ -34,7 +34,7 @@ def strip_suffix(name: str) -> str:
 def read_image(path: str | Path, finite: bool = False) -> sitk.Image:
     """A NIfTI/NRRD/MHA volume with its geometry; clear errors for missing, unreadable or truncated files
     (ITK zero-fills a cut `.nii.gz`), and with `finite` for NaN/inf voxels (ITK reads them as 0)."""
-    from medcl_cli.data.integrity import gzip_truncated, nonfinite_voxels
+    from medcl_cli.data.nifti_checks import gzip_truncated, nonfinite_voxels
 
     p = Path(path)
     if not p.exists():
@@ -58,7 +58,7 @@ def read_image(path: str | Path, finite: bool = False) -> sitk.Image:
 
 def write_image(image: sitk.Image, path: str | Path, verify: bool = True, compress: bool = True) -> Path:
     """Write atomically (temp file + rename) and, with `verify`, read back and compare geometry and voxels."""
-    from medcl_cli.data.integrity import atomic_path
+    from medcl_cli.core.files import atomic_path
 
     p = Path(path)
     suffix = "".join(s for s in p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix

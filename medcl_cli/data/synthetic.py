@@ -18,7 +18,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from medcl_cli import __version__
-from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION, write_csv_atomic, write_json_atomic
+from medcl_cli.core.files import write_csv_atomic, write_json_atomic
+from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION
 from medcl_cli.data.io import write_image
 from medcl_cli.errors import OutputError, UsageError
 

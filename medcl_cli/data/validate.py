@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.folder import SPLITS, open_dataset
 from medcl_cli.data.io import grid_difference, read_image, same_grid
 from medcl_cli.errors import MedclError
-from medcl_cli.report import NullReporter, Reporter
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 import random
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -28,7 +28,7 @@ FORMAT = 1
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:
     """Write `state` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    from medcl_cli.data.integrity import atomic_path
+    from medcl_cli.core.files import atomic_path
 
     p = Path(path)
     # torch reports a full disk as a RuntimeError of its zip writer: atomic_path turns it into ENOSPC

@@ -20,15 +20,33 @@ import numpy as np
 import torch
 
 from medcl_cli.config import Config, dump_yaml
+from medcl_cli.core.protocol import Method, call_backward, on_step_end
+from medcl_cli.core.report import Reporter
 from medcl_cli.data.augment import make_views
-from medcl_cli.data.batches import auto_workers, labeled_patients, make_loader, make_sampler, mark_labeled
+from medcl_cli.data.batches import (
+    auto_workers,
+    labeled_patients,
+    make_loader,
+    make_sampler,
+    mark_labeled,
+)
 from medcl_cli.data.dataset import open_slices
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
-from medcl_cli.engine.device import autocast, describe, resolve_device, resolve_precision
+from medcl_cli.engine.device import (
+    autocast,
+    describe,
+    resolve_device,
+    resolve_precision,
+)
 from medcl_cli.engine.optim import build_optimizer, lr_at, set_lr
-from medcl_cli.engine.protocol import Method, call_backward, on_step_end
-from medcl_cli.engine.runs import RunFolder, RunReporter, check_out, clear_run_files, now
+from medcl_cli.engine.runs import (
+    RunFolder,
+    RunReporter,
+    check_out,
+    clear_run_files,
+    now,
+)
 from medcl_cli.engine.setup import (
     build_method,
     checkpoint_state,
@@ -39,7 +57,6 @@ from medcl_cli.engine.setup import (
 )
 from medcl_cli.engine.validate import load_val_cases, validate
 from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted, MedclError, UsageError
-from medcl_cli.report import Reporter
 
 
 @dataclass
@@ -286,7 +303,7 @@ def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: An
 
 def _validate(method: Any, slices: Any, val_cases: list[Any], device: torch.device, dtype: torch.dtype, run: RunFolder, rep: RunReporter, step: int, best: float | None, cfg: Config, opt: Any, scaler: Any, req: FitRequest, env: D.DistEnv, timers: dict[str, float]) -> float | None:
     if env.is_main and val_cases:
-        from medcl_cli.engine.protocol import eval_net
+        from medcl_cli.core.protocol import eval_net
 
         tv = time.perf_counter()
         scores = validate(eval_net(method), slices, val_cases, device, dtype, batch=max(cfg.train.batch_size, 16))

@@ -12,10 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medcl_cli.data.folder import write_json_atomic
-from medcl_cli.data.integrity import atomic_path, remove_stale_temporaries
+from medcl_cli.core.files import (
+    atomic_path,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
+from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.errors import InputNotFoundError, OutputError
-from medcl_cli.report import NullReporter, Reporter
 
 RUN_FILES = ("run.json", "config.yaml", "metrics.csv", "events.jsonl", "log.txt", "curves.png", "checkpoints")
 

@@ -16,15 +16,15 @@ from torch import nn
 
 from medcl_cli import __version__
 from medcl_cli.config import Config, to_dict
+from medcl_cli.core.protocol import DataSpec, eval_net
+from medcl_cli.core.report import Reporter
 from medcl_cli.data.dataset import SliceSet
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.device import describe
-from medcl_cli.engine.protocol import DataSpec, eval_net
 from medcl_cli.errors import InvalidDataError
 from medcl_cli.methods import MethodInfo, get_info, load_method_class
 from medcl_cli.models.unet import build_unet
-from medcl_cli.report import Reporter
 
 
 def seed_everything(seed: int, deterministic: bool, rep: Reporter) -> None:

@@ -49,8 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medcl_cli.core.collectives import all_gather_rows
 from medcl_cli.data.augment import align
-from medcl_cli.engine.distributed import all_gather_rows
 from medcl_cli.errors import UsageError, unknown_choice
 from medcl_cli.methods.arco_bank import (
     SAMPLERS,
@@ -63,9 +63,14 @@ from medcl_cli.methods.arco_bank import (
     point_features,
 )
 from medcl_cli.methods.ema import make_teacher, update_ema
-from medcl_cli.methods.losses import nearest_neighbour_loss, prototype_info_nce, pseudo_label_ce, relational_kl
+from medcl_cli.methods.losses.arco import (
+    nearest_neighbour_loss,
+    prototype_info_nce,
+    pseudo_label_ce,
+    relational_kl,
+)
+from medcl_cli.methods.losses.segmentation import dice_ce
 from medcl_cli.methods.samplers import dense_groups, grid_cells
-from medcl_cli.methods.supervised import dice_ce
 from medcl_cli.models.heads import DenseHead, GlobalHead, Predictor
 
 PATCH = 8  # pooled pixels per side of a local patch (code: 64x64 patches avg-pooled to 8x8)

@@ -30,11 +30,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medcl_cli.core.collectives import all_reduce_sum, gather_with_grad
 from medcl_cli.data.augment import align, identity, overlap_mask
-from medcl_cli.engine.distributed import all_reduce_sum, gather_with_grad
 from medcl_cli.errors import InvalidDataError, UsageError
-from medcl_cli.methods.gradients import backward_on_features, backward_on_parameters, get_combiner
-from medcl_cli.methods.losses import pixel_supcon, supcon
+from medcl_cli.methods.gradients import (
+    backward_on_features,
+    backward_on_parameters,
+    get_combiner,
+)
+from medcl_cli.methods.losses.contrastive import pixel_supcon, supcon
 from medcl_cli.methods.samplers import topk_saliency
 from medcl_cli.models.heads import DenseHead, GlobalHead
 from medcl_cli.models.unet import UNet

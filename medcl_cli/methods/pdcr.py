@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from medcl_cli.engine.protocol import DataSpec
+from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError, unknown_choice
-from medcl_cli.methods.losses import affinity_contrast, foreground_ratios
+from medcl_cli.methods.losses.pdcr import affinity_contrast, foreground_ratios
+from medcl_cli.methods.losses.segmentation import dice_ce_parts
 from medcl_cli.methods.samplers import grid_positions
-from medcl_cli.methods.supervised import dice_ce_parts
 
 PATCHES = ("hierarchical", "rf")
 COMBINE = ("per_size", "average")

@@ -43,10 +43,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from medcl_cli.core.collectives import gather_with_grad
 from medcl_cli.data.augment import align, identity, make_views, overlap_mask
-from medcl_cli.engine.distributed import gather_with_grad
 from medcl_cli.errors import UsageError
-from medcl_cli.methods.losses import LOCAL_FORMS, local_supcon_parts, nt_xent
+from medcl_cli.methods.losses.contrastive import LOCAL_FORMS, nt_xent
+from medcl_cli.methods.losses.local import local_supcon_parts
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.models.heads import DenseHead, GlobalHead
 from medcl_cli.models.unet import UNet

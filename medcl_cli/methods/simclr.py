@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcl_cli.engine.distributed import gather_with_grad
+from medcl_cli.core.collectives import gather_with_grad
 from medcl_cli.errors import UsageError
-from medcl_cli.methods.losses import nt_xent
+from medcl_cli.methods.losses.contrastive import nt_xent
 from medcl_cli.models.heads import GlobalHead
 from medcl_cli.models.unet import UNet
 

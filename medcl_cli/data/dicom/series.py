@@ -18,7 +18,7 @@ from typing import cast
 import numpy as np
 
 from medcl_cli.config import IngestConfig
-from medcl_cli.data.dicom_frames import Frame
+from medcl_cli.data.dicom.frames import Frame
 
 POSITION_TOL = 0.01  # mm: two slices closer than this along the normal share a position
 

@@ -31,7 +31,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medcl_cli.data.demo_dicom import MASK_DESCRIPTION, DemoDicom, label_names_option, write_demo_dicom
+from medcl_cli.demo.dicom_writer import (
+    MASK_DESCRIPTION,
+    DemoDicom,
+    label_names_option,
+    write_demo_dicom,
+)
 from medcl_cli.errors import InvalidDataError, OutputError, UsageError
 
 DEMO_ENTRIES = ("dicom", "new_scans", "demo.yaml", "data", "runs", "preds")

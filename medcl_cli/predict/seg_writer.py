@@ -20,9 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from medcl_cli import __version__
-from medcl_cli.data.integrity import atomic_path
+from medcl_cli.core.files import atomic_path
 from medcl_cli.errors import InvalidDataError, UsageError
-from medcl_cli.inference import LoadedModel
+from medcl_cli.predict.inference import LoadedModel
 
 PHI_KEYWORDS_EMPTY = (
     "PatientBirthDate",

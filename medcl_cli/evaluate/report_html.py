@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medcl_cli.overlays import COLOURS
+from medcl_cli.evaluate.overlays import COLOURS
 
 PANEL_SLICES = 3  # middle slices shown per case
 

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from medcl_cli.data.dicom_frames import Frame
+from medcl_cli.data.dicom.frames import Frame
 from medcl_cli.data.io import read_image
 
 

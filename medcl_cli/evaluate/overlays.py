@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medcl_cli.data.integrity import atomic_path
+from medcl_cli.core.files import atomic_path
 
 N_SLICES = 3
 # class 1.. colours (tab10 without grey); class 0 is transparent

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,28 +18,23 @@ from typing import Any
 import SimpleITK as sitk
 
 from medcl_cli import __version__
-from medcl_cli.data.folder import write_json_atomic
-from medcl_cli.data.integrity import remove_stale_temporaries
-from medcl_cli.data.io import geometry, is_volume_file, read_image, strip_suffix, write_image
-from medcl_cli.errors import InputNotFoundError, MedclError, OutputError, UsageError
-from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, sha256_files
-from medcl_cli.report import NullReporter, Reporter
+from medcl_cli.core.files import remove_stale_temporaries, write_json_atomic
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.io import (
+    geometry,
+    write_image,
+)
+from medcl_cli.errors import MedclError, OutputError, UsageError
+from medcl_cli.predict.inference import (
+    DEFAULT_BATCH,
+    LoadedModel,
+    predict_image,
+    sha256_files,
+)
+from medcl_cli.predict.item import PredictInput
 
 FORMATS = ("nifti", "dicom-seg")
 TASK = "predict"
-
-
-@dataclass
-class PredictInput:
-    """One volume to segment: its output name, how to load it and which files it came from."""
-
-    name: str
-    kind: str  # volume | dicom
-    files: list[Path]
-    load: Callable[[], sitk.Image]
-    display: str  # what logs show (a file name, or the pseudonymous series name for DICOM)
-    info: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields from the reader
-    frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (dicom_scan.Source, 0-based frame) per slice
 
 
 @dataclass
@@ -49,74 +43,6 @@ class PredictResult:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     seconds: float = 0.0
-
-
-def _volume_input(path: Path) -> PredictInput:
-    return PredictInput(
-        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path, finite=True), display=path.name
-    )
-
-
-def collect_inputs(
-    paths: list[Path], workdir: Path, reporter: Reporter | None = None, exclude: Path | None = None
-) -> tuple[list[PredictInput], list[tuple[str, str]]]:
-    """Every volume under `paths` (files, folders of volumes, DICOM folders) and the inputs that failed.
-
-    DICOM series are converted into `workdir` (a temporary folder the caller removes after predicting).
-    Volumes under `exclude` (the output folder, when it lies inside an input folder) are not inputs, so
-    a re-run never segments its own masks.
-    """
-    skip = exclude.resolve() if exclude is not None else None
-    rep = reporter or NullReporter()
-    found: list[PredictInput] = []
-    failed: list[tuple[str, str]] = []
-    dicom_roots: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            failed.append((str(p), "not found"))
-        elif p.is_file():
-            if is_volume_file(p):
-                found.append(_volume_input(p))
-            else:
-                dicom_roots.append(p)
-        else:
-            vols = sorted(
-                q for q in p.rglob("*")
-                if is_volume_file(q) and not q.name.startswith(".tmp-")
-                and not (skip is not None and q.resolve().is_relative_to(skip))
-            )
-            found.extend(_volume_input(q) for q in vols)
-            if not vols or _has_other_files(p):
-                dicom_roots.append(p)
-    if dicom_roots:
-        from medcl_cli.dicom_input import dicom_inputs
-
-        dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
-        found.extend(dic)
-        failed.extend(dic_failed)
-    _check_unique(found)
-    return found, failed
-
-
-def _has_other_files(folder: Path) -> bool:
-    """True when a folder holds files that are not volumes (possible DICOM next to NIfTI files)."""
-    for q in folder.rglob("*"):
-        if q.is_file() and not is_volume_file(q) and not q.name.startswith("."):
-            return True
-    return False
-
-
-def _check_unique(inputs: list[PredictInput]) -> None:
-    by_name: dict[str, list[str]] = {}
-    for item in inputs:
-        by_name.setdefault(item.name, []).append(item.display)
-    dup = {k: v for k, v in by_name.items() if len(v) > 1}
-    if dup:
-        name, where = next(iter(dup.items()))
-        raise UsageError(
-            f"{len(dup)} output name(s) would be written twice, e.g. '{name}.nii.gz' from {', '.join(where[:3])}",
-            "predict inputs with the same file name into different --out folders",
-        )
 
 
 def sidecar(model: LoadedModel, item: PredictInput, out_img: sitk.Image, fmt: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +82,7 @@ def predict_all(
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     if fmt == "dicom-seg":
-        from medcl_cli.dicom_seg import require_highdicom
+        from medcl_cli.predict.seg_writer import require_highdicom
 
         require_highdicom()
         not_dicom = [i.display for i in inputs if i.kind != "dicom"]
@@ -188,7 +114,7 @@ def predict_all(
             write_image(label, nii)
             extra: dict[str, Any] = {}
             if fmt == "dicom-seg":
-                from medcl_cli.dicom_seg import write_dicom_seg
+                from medcl_cli.predict.seg_writer import write_dicom_seg
 
                 seg_path = out / f"{item.name}.seg.dcm"
                 write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi, item.frames)
@@ -217,12 +143,3 @@ def _is_resource(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "out of memory" in str(exc).lower()
 
 
-def ensure_found(inputs: list[PredictInput], failed: list[tuple[str, str]], given: list[Path]) -> None:
-    """Exit 3 when nothing readable was found at all."""
-    if inputs:
-        return
-    detail = "; ".join(f"{p}: {r}" for p, r in failed[:3]) if failed else ", ".join(str(p) for p in given[:3])
-    raise InputNotFoundError(
-        f"no volumes or DICOM series found in the inputs ({detail})",
-        "give NIfTI/NRRD/MHA files, folders of them, or DICOM folders",
-    )

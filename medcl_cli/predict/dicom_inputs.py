@@ -12,9 +12,9 @@ import functools
 import hashlib
 from pathlib import Path
 
+from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.io import read_image
-from medcl_cli.prediction import PredictInput
-from medcl_cli.report import NullReporter, Reporter
+from medcl_cli.predict.item import PredictInput
 
 
 def series_name(series_uid: str, time_index: int | None, n_times: int) -> str:
@@ -33,8 +33,8 @@ def dicom_inputs(
 ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
     """One input per image series found under `roots`, plus (source, reason) for what failed."""
     from medcl_cli.config import IngestConfig
-    from medcl_cli.data.dicom import ingest_dicom
-    from medcl_cli.data.dicom_scan import walk_inputs
+    from medcl_cli.data.dicom.cases import ingest_dicom
+    from medcl_cli.data.dicom.scan import walk_inputs
     from medcl_cli.data.meta import Redactor
 
     rep = reporter or NullReporter()

@@ -17,14 +17,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from medcl_cli.config import IngestConfig
-from medcl_cli.data.dicom_frames import Frame
-from medcl_cli.data.dicom_scan import FileIssue, Source, scan_headers, worker_count
-from medcl_cli.data.dicom_seg import SegMismatch, seg_to_label
-from medcl_cli.data.dicom_series import SeriesPlan, plan_series
-from medcl_cli.data.dicom_volume import Converted, run_plans
-from medcl_cli.data.dicom_volume import write_volume
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom.frames import Frame
+from medcl_cli.data.dicom.scan import FileIssue, scan_headers, worker_count
+from medcl_cli.data.dicom.seg_reader import SegMismatch, seg_to_label
+from medcl_cli.data.dicom.series import SeriesPlan, plan_series
+from medcl_cli.data.dicom.source import Source
+from medcl_cli.data.dicom.volume import Converted, run_plans, write_volume
 from medcl_cli.data.meta import Redactor
-from medcl_cli.report import NullReporter, Reporter
 
 __all__ = ["DicomCase", "ReportRow", "ingest_dicom", "Source", "FileIssue", "Frame", "SeriesPlan"]
 

@@ -6,10 +6,9 @@ orientation, spacing, rescale, frame type, echo, temporal index). Every later st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-
-import functools
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -18,7 +17,7 @@ from pydicom.tag import BaseTag
 from medcl_cli.data.meta import PHI_READ, format_value
 
 if TYPE_CHECKING:
-    from medcl_cli.data.dicom_scan import Source
+    from medcl_cli.data.dicom.source import Source
 
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "FID", "RAW", "RWV", "PLAN"}
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -13,10 +13,16 @@ import json
 import shutil
 from pathlib import Path
 
+from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.folder import open_dataset
 from medcl_cli.errors import OutputError
-from medcl_cli.export import ExportResult, case_groups, commit_target, place_file, prepare_target
-from medcl_cli.report import NullReporter, Reporter
+from medcl_cli.export.files import (
+    ExportResult,
+    case_groups,
+    commit_target,
+    place_file,
+    prepare_target,
+)
 
 
 def export_monai(

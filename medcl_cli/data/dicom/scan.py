@@ -8,7 +8,6 @@ not DICOM, are truncated or fail to parse become `FileIssue` rows for the report
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import zipfile
@@ -21,32 +20,14 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medcl_cli.data.dicom_frames import frames_of
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom.frames import frames_of
+from medcl_cli.data.dicom.source import Source
 from medcl_cli.data.io import is_volume_file
-from medcl_cli.report import NullReporter, Reporter
 
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 BATCH = 32  # files per pool task: amortises pickling without hurting load balance
 SERIAL_BELOW = 96  # fewer files than this are read in-process (a pool costs more than it saves)
-
-
-@dataclass(frozen=True)
-class Source:
-    """One candidate file: a path, or a member of a zip archive."""
-
-    path: str
-    member: str | None = None
-
-    def label(self) -> str:
-        return f"{self.path}!{self.member}" if self.member else self.path
-
-    def open(self) -> tuple[Any, int]:
-        """A binary file object and its size."""
-        if self.member is None:
-            return open(self.path, "rb"), os.path.getsize(self.path)
-        with zipfile.ZipFile(self.path) as zf:
-            data = zf.read(self.member)
-        return io.BytesIO(data), len(data)
 
 
 @dataclass
@@ -183,7 +164,7 @@ def _context() -> mp.context.BaseContext:
         return mp.get_context("fork")
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["medcl_cli.data.dicom_scan"])
+        ctx.set_forkserver_preload(["medcl_cli.data.dicom.scan"])
         return ctx
     return mp.get_context("spawn")
 

@@ -7,7 +7,6 @@ Runs in worker processes (one plan per task); it returns a small `Converted` rec
 from __future__ import annotations
 
 import errno
-
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from medcl_cli.data.dicom_frames import Frame
-from medcl_cli.data.dicom_series import SeriesPlan
+from medcl_cli.data.dicom.frames import Frame
+from medcl_cli.data.dicom.series import SeriesPlan
 from medcl_cli.data.io import same_grid
 
 # transfer syntax -> what to install so pydicom can decode it
@@ -273,7 +272,7 @@ def write_volume(image: sitk.Image, path: Path) -> Path:
             if not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)):
                 raise ValueError(f"written image {path.name} does not read back with the same voxels")
         except (RuntimeError, ValueError, OSError):
-            from medcl_cli.data.integrity import raise_if_disk_full
+            from medcl_cli.core.files import raise_if_disk_full
 
             raise_if_disk_full(path.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent())
             raise
@@ -289,7 +288,7 @@ def run_plans(tasks: list[tuple[SeriesPlan, str]], workers: int, reporter: Any) 
     """convert_plan over many plans, in a process pool when there is more than one worker."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from medcl_cli.data.dicom_scan import _context
+    from medcl_cli.data.dicom.scan import _context
 
     reporter.start("converting series", len(tasks))
     results: list[Converted] = []

@@ -16,12 +16,23 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from medcl_cli import metrics
-from medcl_cli.data.folder import SPLITS, DatasetFolder, write_csv_atomic, write_json_atomic, write_text_atomic
+from medcl_cli.core.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.folder import SPLITS, DatasetFolder
 from medcl_cli.data.io import grid_difference, read_image, same_grid
-from medcl_cli.errors import InputNotFoundError, InvalidDataError, OutputError, UsageError
-from medcl_cli.inference import DEFAULT_BATCH, LoadedModel, predict_image, volume_array
-from medcl_cli.report import NullReporter, Reporter
+from medcl_cli.errors import (
+    InputNotFoundError,
+    InvalidDataError,
+    OutputError,
+    UsageError,
+)
+from medcl_cli.evaluate import metrics
+from medcl_cli.predict.inference import (
+    DEFAULT_BATCH,
+    LoadedModel,
+    predict_image,
+    volume_array,
+)
 
 TASK = "evaluate"
 EVAL_SPLITS = (*SPLITS, "all")
@@ -135,14 +146,14 @@ def evaluate_dataset(
         case_rows, img, ref, pred = evaluate_case(model, image, label, case_id, batch_size, nsd_tolerance_mm)
         rows.extend(case_rows)
         if overlays:
-            from medcl_cli.overlays import write_overlay
+            from medcl_cli.evaluate.overlays import write_overlay
 
             mean_dice = float(np.mean([r["dice"] for r in case_rows])) if case_rows else float("nan")
             spacing = tuple(reversed(image.GetSpacing()))
             write_overlay(img, ref, pred, spacing, out / "overlays" / f"{case_id}.png",
                           f"{case_id}  mean Dice {mean_dice:.3f}", {k: v for k, v in model.label_map.items() if k > 0})
         if report:
-            from medcl_cli.report_html import case_panel
+            from medcl_cli.evaluate.report_html import case_panel
 
             panels[case_id] = case_panel(img, ref, pred, tuple(reversed(image.GetSpacing())), len(model.label_map))
         seconds[case_id] = time.perf_counter() - t0
@@ -173,7 +184,7 @@ def evaluate_dataset(
     write_csv_atomic(summary, out / "metrics_summary.csv")
     write_json_atomic(js, out / "summary.json")
     if report:
-        from medcl_cli.report_html import render_report
+        from medcl_cli.evaluate.report_html import render_report
 
         write_text_atomic(render_report(per_case, summary, js, panels), out / "report.html")
     return EvalResult(out=out, per_case=per_case, summary=summary, summary_json=js, skipped=skipped)

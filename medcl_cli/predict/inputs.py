@@ -1,0 +1,89 @@
+"""Finding the inputs of `medcl predict`: volume files, folders of them, and DICOM folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.io import is_volume_file, read_image, strip_suffix
+from medcl_cli.errors import InputNotFoundError, UsageError
+from medcl_cli.predict.item import PredictInput
+
+
+def _volume_input(path: Path) -> PredictInput:
+    return PredictInput(
+        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path, finite=True), display=path.name
+    )
+
+
+def collect_inputs(
+    paths: list[Path], workdir: Path, reporter: Reporter | None = None, exclude: Path | None = None
+) -> tuple[list[PredictInput], list[tuple[str, str]]]:
+    """Every volume under `paths` (files, folders of volumes, DICOM folders) and the inputs that failed.
+
+    DICOM series are converted into `workdir` (a temporary folder the caller removes after predicting).
+    Volumes under `exclude` (the output folder, when it lies inside an input folder) are not inputs, so
+    a re-run never segments its own masks.
+    """
+    skip = exclude.resolve() if exclude is not None else None
+    rep = reporter or NullReporter()
+    found: list[PredictInput] = []
+    failed: list[tuple[str, str]] = []
+    dicom_roots: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            failed.append((str(p), "not found"))
+        elif p.is_file():
+            if is_volume_file(p):
+                found.append(_volume_input(p))
+            else:
+                dicom_roots.append(p)
+        else:
+            vols = sorted(
+                q for q in p.rglob("*")
+                if is_volume_file(q) and not q.name.startswith(".tmp-")
+                and not (skip is not None and q.resolve().is_relative_to(skip))
+            )
+            found.extend(_volume_input(q) for q in vols)
+            if not vols or _has_other_files(p):
+                dicom_roots.append(p)
+    if dicom_roots:
+        from medcl_cli.predict.dicom_inputs import dicom_inputs
+
+        dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
+        found.extend(dic)
+        failed.extend(dic_failed)
+    _check_unique(found)
+    return found, failed
+
+
+def _has_other_files(folder: Path) -> bool:
+    """True when a folder holds files that are not volumes (possible DICOM next to NIfTI files)."""
+    for q in folder.rglob("*"):
+        if q.is_file() and not is_volume_file(q) and not q.name.startswith("."):
+            return True
+    return False
+
+
+def _check_unique(inputs: list[PredictInput]) -> None:
+    by_name: dict[str, list[str]] = {}
+    for item in inputs:
+        by_name.setdefault(item.name, []).append(item.display)
+    dup = {k: v for k, v in by_name.items() if len(v) > 1}
+    if dup:
+        name, where = next(iter(dup.items()))
+        raise UsageError(
+            f"{len(dup)} output name(s) would be written twice, e.g. '{name}.nii.gz' from {', '.join(where[:3])}",
+            "predict inputs with the same file name into different --out folders",
+        )
+
+
+def ensure_found(inputs: list[PredictInput], failed: list[tuple[str, str]], given: list[Path]) -> None:
+    """Exit 3 when nothing readable was found at all."""
+    if inputs:
+        return
+    detail = "; ".join(f"{p}: {r}" for p, r in failed[:3]) if failed else ", ".join(str(p) for p in given[:3])
+    raise InputNotFoundError(
+        f"no volumes or DICOM series found in the inputs ({detail})",
+        "give NIfTI/NRRD/MHA files, folders of them, or DICOM folders",
+    )
