@@ -152,7 +152,7 @@ def child_loss(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from medcl_cli.methods.losses.local import local_supcon_parts
+    from medcl_cli.methods.losses.local_contrast import local_supcon_parts
     from medcl_cli.methods.semicl import block_pixels, stride_pixels
 
     torch.set_num_threads(args.threads)

@@ -106,7 +106,7 @@ def test_info_json_lists_methods():
 def test_pretrain_next_hint_carries_method_and_labels():
     from pathlib import Path
 
-    from medcl_cli.cli.train_options import finetune_hint
+    from medcl_cli.engine.training import finetune_hint
 
     run_dir, data = Path("runs/pre"), Path("data")
     hint = finetune_hint("arco", data, run_dir, "splits/labeled_3.txt")  # arco has its own fine-tuning stage

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcl_cli.methods.losses.arco import nearest_neighbour_loss, prototype_info_nce, pseudo_label_ce, relational_kl
+from medcl_cli.methods.losses.relational import (
+    nearest_neighbour_loss,
+    prototype_info_nce,
+    pseudo_label_ce,
+    relational_kl,
+)
 
 
 def _unit(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcl_cli.methods.losses.local import local_supcon, local_supcon_blocks, local_supcon_terms
+from medcl_cli.methods.losses.local_contrast import local_supcon, local_supcon_blocks, local_supcon_terms
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.methods.semicl import block_pixels, stride_pixels
 

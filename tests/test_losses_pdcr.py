@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcl_cli.methods.losses.pdcr import affinity_contrast, foreground_ratios
+from medcl_cli.methods.losses.patch_contrast import affinity_contrast, foreground_ratios
 from medcl_cli.methods.samplers import grid_positions
 
 

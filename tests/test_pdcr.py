@@ -12,7 +12,7 @@ from medcl_cli import config as C
 from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError
 from medcl_cli.methods import get_info
-from medcl_cli.methods.losses.pdcr import affinity_contrast
+from medcl_cli.methods.losses.patch_contrast import affinity_contrast
 from medcl_cli.methods.pdcr import PDCR, unet_receptive_fields
 from medcl_cli.models.uafs import UAFS
 from medcl_cli.models.unet import UNet, build_unet

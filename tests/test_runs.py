@@ -9,7 +9,7 @@ import pytest
 
 from medcl_cli.cli.app import main
 from medcl_cli.errors import InputNotFoundError
-from medcl_cli.catalog.runs import find_runs, table_lines
+from medcl_cli.catalog.run_index import find_runs, table_lines
 
 TINY = ["--image-size", "32", "--batch-size", "4", "--device", "cpu", "--set", "model.channels=[8,16,32]"]
 

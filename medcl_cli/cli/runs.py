@@ -22,7 +22,7 @@ def runs(
 
     Example: medcl runs runs/ --json
     """
-    from medcl_cli.catalog.runs import find_runs, table_lines, to_json
+    from medcl_cli.catalog.run_index import find_runs, table_lines, to_json
 
     rows = find_runs(folder)
     if as_json:

@@ -4,6 +4,9 @@ Everything is written into a temporary sibling folder that is renamed into place
 killed ingest leaves no half dataset. PHI stays out of every file outside `private/`: case ids are
 `case_NNNN` (DICOM) or the NIfTI file name, patients are salted hashes of PatientID, report text is
 redacted, and PHI tags asked for with `--allow-phi` go to `private/meta_phi.csv` only.
+
+One piece past 300 lines: the order of the ingest steps (walk, convert, split, write, report, swap) is
+what keeps a failed ingest from leaving anything behind; the steps themselves live in their modules.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from medcl_cli.core.runfolder import read_run_info
 from medcl_cli.demo.dicom_writer import (
     MASK_DESCRIPTION,
     DemoDicom,
@@ -196,7 +197,7 @@ def read_results(out: Path) -> DemoResults:
     eval_dir = out / "runs" / "ft" / "eval_test"
     summary = pd.read_csv(eval_dir / "metrics_summary.csv")
     js = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
-    run = json.loads((out / "runs" / "ft" / "run.json").read_text(encoding="utf-8"))
+    run = read_run_info(out / "runs" / "ft")
     best = (run.get("best") or {}).get("value")
     return DemoResults(
         summary=summary,

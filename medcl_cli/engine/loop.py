@@ -3,12 +3,14 @@
 It builds the network, the method, optimizer and schedule; iterates step-indexed batches; augments on
 the device; calls `training_step` under autocast (CUDA only), the method's backward, averages gradients
 over DDP ranks, clips, steps; validates per 3D volume; checkpoints atomically; resumes exactly. The
-engine knows the method protocol (engine/protocol.py), never a concrete method.
+engine knows the method protocol (core/protocol.py), never a concrete method.
+
+One piece past 300 lines: the step order (autocast, backward, all-reduce, clip, step, EMA hook,
+validate, checkpoint, signal handling) is the contract every method relies on, read top to bottom.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -22,6 +24,7 @@ import torch
 from medcl_cli.config import Config, dump_yaml
 from medcl_cli.core.protocol import Method, call_backward, on_step_end
 from medcl_cli.core.report import Reporter
+from medcl_cli.core.runfolder import read_run_info
 from medcl_cli.data.augment import make_views
 from medcl_cli.data.batches import (
     auto_workers,
@@ -55,7 +58,7 @@ from medcl_cli.engine.setup import (
     run_info,
     seed_everything,
 )
-from medcl_cli.engine.validate import load_val_cases, validate
+from medcl_cli.engine.validation import load_val_cases, validate
 from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted, MedclError, UsageError
 
 
@@ -152,7 +155,7 @@ def _fit(
     t_cache = time.perf_counter() - t_cache
     patients = labeled_patients(slices, req.labeled, tcfg.seed)
     if req.resume and (req.out / "run.json").is_file():  # the resumed run keeps its labelled set
-        patients = json.loads((req.out / "run.json").read_text(encoding="utf-8")).get("labeled_patients", patients)
+        patients = read_run_info(req.out).get("labeled_patients", patients)
     mark_labeled(slices, patients)
     method, info = build_method(cfg, req.stage, slices, env, device, req.init_from, rep)
     opt = build_optimizer(method, cfg.optim)

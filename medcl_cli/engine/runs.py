@@ -15,12 +15,17 @@ from typing import Any
 from medcl_cli.core.files import (
     atomic_path,
     remove_stale_temporaries,
-    write_json_atomic,
 )
 from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.core.runfolder import (
+    RUN_JSON,
+    read_run_info,
+    run_json_path,
+    write_run_info,
+)
 from medcl_cli.errors import InputNotFoundError, OutputError
 
-RUN_FILES = ("run.json", "config.yaml", "metrics.csv", "events.jsonl", "log.txt", "curves.png", "checkpoints")
+RUN_FILES = (RUN_JSON, "config.yaml", "metrics.csv", "events.jsonl", "log.txt", "curves.png", "checkpoints")
 
 
 def now() -> str:
@@ -79,9 +84,8 @@ class RunFolder:
         if resume_step is not None:  # what the killed run's interrupted writes left
             remove_stale_temporaries(self.root)
             remove_stale_temporaries(self.ckpt_dir)
-        old = self.root / "run.json"
-        if resume_step is not None and old.is_file():
-            prev = json.loads(old.read_text(encoding="utf-8"))
+        if resume_step is not None and run_json_path(self.root).is_file():
+            prev = read_run_info(self.root)
             info = {**prev, **info, "resumed": prev.get("resumed", []) + [{"at_step": resume_step, "time": now()}]}
             self._truncate_metrics(resume_step)
         else:
@@ -104,7 +108,7 @@ class RunFolder:
 
     def save_info(self) -> None:
         if self.active and self.started:
-            write_json_atomic(self.info, self.root / "run.json")
+            write_run_info(self.info, self.root)
 
     def metric(self, step: int, split: str, name: str, value: float) -> None:
         if self.active:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medcl_cli.core.report import Reporter
-from medcl_cli.export.files import ExportResult
 from medcl_cli.export.nnunet import export_nnunet
+from medcl_cli.export.staging import ExportResult
 
 FORMATS = ("nnunet", "monai")
 

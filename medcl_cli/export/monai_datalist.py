@@ -16,7 +16,7 @@ from pathlib import Path
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.folder import open_dataset
 from medcl_cli.errors import OutputError
-from medcl_cli.export.files import (
+from medcl_cli.export.staging import (
     ExportResult,
     case_groups,
     commit_target,

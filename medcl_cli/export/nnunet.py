@@ -10,13 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from medcl_cli.core.report import NullReporter, Reporter
-from medcl_cli.data.folder import open_dataset
+from medcl_cli.data.folder import DatasetFolder, open_dataset
+from medcl_cli.data.io import VOLUME_SUFFIXES
 from medcl_cli.errors import InvalidDataError, OutputError, UsageError
-from medcl_cli.export.files import (
-    _NNUNET_CHANNEL,
+from medcl_cli.export.staging import (
     ExportResult,
-    _file_ending,
-    _label_map,
     case_groups,
     commit_target,
     place_file,
@@ -109,3 +107,43 @@ def export_nnunet(
         f"nnUNetv2_train {dataset_id} 2d 0",
     ]
     return result
+
+
+_NNUNET_CHANNEL = {"CT": "CT", "MR": "MRI", "MRI": "MRI", "PT": "PET", "PET": "PET"}
+
+
+def _file_ending(ds: DatasetFolder) -> str:
+    """The one file ending of every image and label (nnU-Net needs a single `file_ending`)."""
+    endings: set[str] = set()
+    for col in ("image", "label"):
+        for rel in ds.cases[col]:
+            if not isinstance(rel, str) or not rel:
+                continue
+            low = rel.lower()
+            match = [s for s in VOLUME_SUFFIXES if low.endswith(s)]
+            if not match:
+                raise InvalidDataError(
+                    f"{ds.root / rel} has no known volume suffix ({', '.join(VOLUME_SUFFIXES)})",
+                    "re-run medcl ingest to rewrite the dataset",
+                )
+            endings.add(match[0])
+    if len(endings) != 1:
+        raise InvalidDataError(
+            f"{ds.root} mixes file types {sorted(endings)}; nnU-Net needs one file_ending",
+            "re-run medcl ingest so every volume is written as .nii.gz",
+        )
+    return endings.pop()
+
+
+def _label_map(ds: DatasetFolder) -> dict[int, str]:
+    """The label map, checked to be 0 = background and consecutive (nnU-Net's requirement)."""
+    labels = ds.labels
+    if sorted(labels) != list(range(len(labels))) or 0 not in labels:
+        raise InvalidDataError(
+            f"label values {sorted(labels)} in {ds.root / 'dataset.json'} are not consecutive from 0",
+            "nnU-Net needs labels 0..K-1; remap the masks and re-run medcl ingest",
+        )
+    names = list(labels.values())
+    if len(set(names)) != len(names):
+        raise InvalidDataError(f"duplicate label names in {ds.root / 'dataset.json'}: {names}", "give each label its own name")
+    return labels

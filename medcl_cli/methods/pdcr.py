@@ -29,7 +29,7 @@ from torch import nn
 
 from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError, unknown_choice
-from medcl_cli.methods.losses.pdcr import affinity_contrast, foreground_ratios
+from medcl_cli.methods.losses.patch_contrast import affinity_contrast, foreground_ratios
 from medcl_cli.methods.losses.segmentation import dice_ce_parts
 from medcl_cli.methods.samplers import grid_positions
 

@@ -47,7 +47,7 @@ from medcl_cli.core.collectives import gather_with_grad
 from medcl_cli.data.augment import align, identity, make_views, overlap_mask
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.losses.contrastive import LOCAL_FORMS, nt_xent
-from medcl_cli.methods.losses.local import local_supcon_parts
+from medcl_cli.methods.losses.local_contrast import local_supcon_parts
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.models.heads import DenseHead, GlobalHead
 from medcl_cli.models.unet import UNet

@@ -10,7 +10,6 @@ resampled in 3D, so the output lines up with the input voxel for voxel.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from medcl_cli.config import DataConfig, InferenceConfig
+from medcl_cli.core.runfolder import RunInfoError, read_run_info
 from medcl_cli.data.preprocess import image_slices, logits_to_volume
 from medcl_cli.engine.device import autocast, resolve_precision
 from medcl_cli.errors import InvalidDataError
@@ -64,15 +64,13 @@ def _run_id(run: Path, ckpt_path: Path) -> str:
         folder = run
     else:
         folder = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    meta = folder / "run.json"
-    if meta.is_file():
-        try:
-            data = json.loads(meta.read_text(encoding="utf-8"))
-            for key in ("run_id", "id", "name"):
-                if isinstance(data.get(key), str) and data[key]:
-                    return str(data[key])
-        except (json.JSONDecodeError, OSError):
-            pass
+    try:
+        data = read_run_info(folder)
+    except (OSError, RunInfoError):
+        data = {}
+    for key in ("run_id", "id", "name"):
+        if isinstance(data.get(key), str) and data[key]:
+            return str(data[key])
     return folder.resolve().name
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medcl_cli.core.runfolder import read_run_info
 from medcl_cli.errors import InputNotFoundError
 
 OVERALL = "mean_foreground"  # the summary.json label of the per-case mean over foreground classes (metrics.py)
@@ -70,9 +71,7 @@ def read_run(run_json: Path, root: Path) -> RunRow:
     """A row from one run.json (never raises for a damaged file: status `unreadable`)."""
     rel = str(run_json.parent.relative_to(root)) if run_json.parent != root else "."
     try:
-        info = json.loads(run_json.read_text(encoding="utf-8"))
-        if not isinstance(info, dict):
-            raise ValueError("run.json is not a JSON object")
+        info = read_run_info(run_json.parent)
     except (OSError, ValueError) as exc:
         return RunRow(path=rel, status="unreadable", error=str(exc).splitlines()[0][:200])
     best = info.get("best") or {}

@@ -27,11 +27,9 @@ from pathlib import Path
 import pandas as pd
 
 from medcl_cli.data.folder import DatasetFolder
-from medcl_cli.data.io import VOLUME_SUFFIXES
 from medcl_cli.errors import InvalidDataError, OutputError
 
 # nnU-Net normalises "CT" channels with dataset-wide HU statistics and everything else per image (z-score)
-_NNUNET_CHANNEL = {"CT": "CT", "MR": "MRI", "MRI": "MRI", "PT": "PET", "PET": "PET"}
 
 
 @dataclass
@@ -46,43 +44,6 @@ class ExportResult:
     copied: int = 0  # files copied (other file system)
     skipped_unlabeled: list[str] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
-
-
-def _file_ending(ds: DatasetFolder) -> str:
-    """The one file ending of every image and label (nnU-Net needs a single `file_ending`)."""
-    endings: set[str] = set()
-    for col in ("image", "label"):
-        for rel in ds.cases[col]:
-            if not isinstance(rel, str) or not rel:
-                continue
-            low = rel.lower()
-            match = [s for s in VOLUME_SUFFIXES if low.endswith(s)]
-            if not match:
-                raise InvalidDataError(
-                    f"{ds.root / rel} has no known volume suffix ({', '.join(VOLUME_SUFFIXES)})",
-                    "re-run medcl ingest to rewrite the dataset",
-                )
-            endings.add(match[0])
-    if len(endings) != 1:
-        raise InvalidDataError(
-            f"{ds.root} mixes file types {sorted(endings)}; nnU-Net needs one file_ending",
-            "re-run medcl ingest so every volume is written as .nii.gz",
-        )
-    return endings.pop()
-
-
-def _label_map(ds: DatasetFolder) -> dict[int, str]:
-    """The label map, checked to be 0 = background and consecutive (nnU-Net's requirement)."""
-    labels = ds.labels
-    if sorted(labels) != list(range(len(labels))) or 0 not in labels:
-        raise InvalidDataError(
-            f"label values {sorted(labels)} in {ds.root / 'dataset.json'} are not consecutive from 0",
-            "nnU-Net needs labels 0..K-1; remap the masks and re-run medcl ingest",
-        )
-    names = list(labels.values())
-    if len(set(names)) != len(names):
-        raise InvalidDataError(f"duplicate label names in {ds.root / 'dataset.json'}: {names}", "give each label its own name")
-    return labels
 
 
 def place_file(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
