@@ -1,4 +1,4 @@
-"""The list of runs under a folder: every directory holding a `run.json` (engine/runs.py), recursively.
+"""The list of runs under a folder: every directory holding a `run.json` (core/runfolder.py), recursively.
 
 `medcl runs` answers "what did I train, on what, and how good was it" without opening any checkpoint:
 each row comes from run.json (method, stage, dataset, labelled patients, best validation Dice, duration,
@@ -19,7 +19,7 @@ from typing import Any
 from medcl_cli.core.runfolder import read_run_info
 from medcl_cli.errors import InputNotFoundError
 
-OVERALL = "mean_foreground"  # the summary.json label of the per-case mean over foreground classes (metrics.py)
+OVERALL = "mean_foreground"  # the summary.json label of the per-case mean over foreground classes (evaluate/metrics.py)
 
 
 @dataclass

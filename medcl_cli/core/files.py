@@ -135,6 +135,6 @@ def write_json_atomic(data: Any, path: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    """A UTF-8 text file written atomically (see data/integrity.atomic_path)."""
+    """A UTF-8 text file written atomically (see atomic_path)."""
     with atomic_path(path, ".txt") as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

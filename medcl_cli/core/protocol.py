@@ -2,7 +2,7 @@
 
 A method is an `nn.Module` built as `Cls(net, cfg, spec)`: `net` the shared U-Net (models/unet.py),
 `cfg` the whole resolved `Config` (a method reads its own section, e.g. `cfg.gcl`), `spec` a `DataSpec`.
-The loop uses only the members below; shared pieces are functions (methods/losses.py, samplers.py,
+The loop uses only the members below; shared pieces are functions (methods/losses/, samplers.py,
 ema.py, gradients.py, models/heads.py), never a base class.
 """
 

@@ -1,7 +1,7 @@
 """`medcl demo`, library side: the built-in DICOM dataset, the command lines of the pipeline, the results.
 
 The demo is the README's "run the main job": it writes a small cine-MR-like DICOM export
-(`data/demo_dicom.py`), then runs ingest -> pretrain (gcl) -> finetune -> evaluate -> predict exactly
+(`demo/dicom_writer.py`), then runs ingest -> pretrain (gcl) -> finetune -> evaluate -> predict exactly
 as a user would type them. This module plans those command lines and reads the results back; the CLI
 (`cli/demo.py`) runs each line through the same Typer app in-process, so the demo can never drift from
 the commands. Everything lands under one folder:
@@ -114,7 +114,7 @@ def prepare(out: Path, size: DemoSize, overwrite: bool = False, seed: int = 0) -
     demo = _write_atomic(out / "dicom", size, size.patients, size.patients, seed, 1)
     new = _write_atomic(out / "new_scans", size, 1, 0, seed, size.patients + 1)
     cfg_path = out / "demo.yaml"
-    text = "# medcl demo: a CPU-sized network (see medcl_cli/demo.py); any medcl config key can go here\n"
+    text = "# medcl demo: a CPU-sized network (see medcl_cli/demo/chain.py); any medcl config key can go here\n"
     cfg_path.write_text(text + yaml.safe_dump(demo_config(size), sort_keys=False), encoding="utf-8")
     load_config([cfg_path])  # fail here, not in step 2, if a key went stale
     return demo, new

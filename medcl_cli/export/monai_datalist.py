@@ -4,7 +4,7 @@
 `monai.data.load_decathlon_datalist` resolves them against) beside `OUT/images/` and `OUT/labels/`.
 Labelled train and val cases go to `training` and `validation`, the test split to `test`, and train/val
 cases without a mask to an extra `unlabeled` list for semi-supervised pipelines. Files are hard-linked or
-copied and the folder appears atomically, as for nnU-Net (export.py).
+copied and the folder appears atomically, as for nnU-Net (staging.py).
 """
 
 from __future__ import annotations

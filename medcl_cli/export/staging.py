@@ -8,7 +8,7 @@
   exporter writes it beside dataset.json and the command says where to copy it.
 - `monai`: a Medical Segmentation Decathlon style datalist (`datalist.json` with training / validation /
   test lists, paths relative to the JSON) plus `images/` and `labels/`, readable by
-  `monai.data.load_decathlon_datalist` (export_monai.py; this module holds the shared file handling).
+  `monai.data.load_decathlon_datalist` (monai_datalist.py; nnunet.py writes the nnU-Net layout; this module holds the shared file handling).
 
 Files are hard-linked when the output is on the same file system (no extra space) and copied otherwise;
 the dataset folder is only read. Unlabelled train/val cases have no place in either layout's training

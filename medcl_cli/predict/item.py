@@ -20,4 +20,4 @@ class PredictInput:
     load: Callable[[], sitk.Image]
     display: str  # what logs show (a file name, or the pseudonymous series name for DICOM)
     info: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields from the reader
-    frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (dicom_scan.Source, 0-based frame) per slice
+    frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (data.dicom.source.Source, 0-based frame) per slice

@@ -72,7 +72,7 @@ def _pseudonymise(ds: Any, name: str) -> Any:
 
 
 def _read_header(source: Any) -> Any:
-    """The header (no pixel data: highdicom needs the headers only) of a path or a `dicom_scan.Source`, which
+    """The header (no pixel data: highdicom needs the headers only) of a path or a `data.dicom.source.Source`, which
     may be a member of a zip archive."""
     import pydicom
 
@@ -188,7 +188,7 @@ def write_dicom_seg(
 ) -> Path:
     """Write the label image as a BINARY DICOM SEG (one segment per foreground class) at `path`, atomically.
 
-    `frames`: the (dicom_scan.Source, 0-based frame) pairs the volume was built from (sources may be zip
+    `frames`: the (Source, 0-based frame) pairs the volume was built from (sources may be zip
     members); without them, `files` are read. Classic series: one SEG frame per source file. An enhanced
     multi-frame source: one SEG frame per frame of this volume (every frame of the file when `frames` is
     absent), at that frame's position, referencing the source frame number(s) there."""

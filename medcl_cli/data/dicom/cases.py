@@ -1,8 +1,8 @@
 """DICOM to cases: scan headers, plan volumes, convert them in parallel, attach mask series and SEG labels.
 
-The pieces live by concept in `dicom_scan` (files, zips, parallel header reading), `dicom_frames` (one
-record per 2D frame, functional groups), `dicom_series` (grouping, sorting, 4D, gaps, tilt), `dicom_volume`
-(pixels, rescale, NIfTI writing) and `dicom_seg` (DICOM-SEG labels). This module strings them together for
+The pieces live by concept in `scan` (files, zips, parallel header reading; `source` for a path or zip member), `frames` (one
+record per 2D frame, functional groups), `series` (grouping, sorting, 4D, gaps, tilt), `volume`
+(pixels, rescale, NIfTI writing) and `seg_reader` (DICOM-SEG labels). This module strings them together for
 `data.ingest` and returns `DicomCase`s plus one report row per series or file.
 """
 

@@ -4,7 +4,7 @@ Frames are grouped by StudyInstanceUID and SeriesInstanceUID, then split further
 size, echo and image type (as dcm2niix does). Slices are ordered by the projection of ImagePositionPatient
 on the slice normal (row x column cosines), never by InstanceNumber. A series whose positions all repeat k
 times is 4D: it is split into k 3D volumes by time point. Gaps, duplicate positions, variable spacing and
-gantry tilt are detected here and turned into a `SeriesPlan` that `dicom_volume` executes.
+gantry tilt are detected here and turned into a `SeriesPlan` that `volume` executes.
 """
 
 from __future__ import annotations
