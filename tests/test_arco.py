@@ -268,3 +268,16 @@ def test_split_bn_forwards_each_group_with_its_own_batch_statistics():
         logs = _train(_method(stage, "arco.split_bn=true"), 3, _batch())
         assert all(np.isfinite(v) for log in logs for v in log.values())
         assert logs[-1]["sup"] < logs[0]["sup"]
+
+
+def test_point_features_of_bf16_maps_read_the_right_pixels():
+    """Under bf16 autocast the maps are bf16, but pixel coordinates above 256 and fractions like 200.5 are
+    not bf16 numbers: coordinates and weights are computed in float32."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 64, 64, generator=g).bfloat16()
+    b = torch.randint(0, 2, (300,), generator=g)
+    y, x = torch.randint(0, 256, (300,), generator=g), torch.randint(0, 256, (300,), generator=g)
+    full = F.interpolate(f.float(), size=(256, 256), mode="bilinear", align_corners=False)
+    got = point_features([f], b, y, x, (256, 256))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - full[b, :, y, x]).abs().max() < 0.05  # bf16 rounding of the result only

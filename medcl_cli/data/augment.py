@@ -19,18 +19,25 @@ import torch
 import torch.nn.functional as F
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 (float64 stays): affines and sampling grids are never computed in half precision."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device).expand(theta.shape[0], 1, 3)
     return torch.cat([theta, bottom], dim=1)
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """theta of `warp(warp(x, first), second)` (= first @ second in homogeneous form)."""
-    return torch.bmm(_homogeneous(first), _homogeneous(second))[:, :2]
+    """theta of `warp(warp(x, first), second)` (= first @ second in homogeneous form), in float32 even
+    under autocast (a bf16 product of affines is off by about a pixel at 256 px)."""
+    with torch.autocast(first.device.type, enabled=False):
+        return torch.bmm(_homogeneous(_exact(first)), _homogeneous(_exact(second)))[:, :2]
 
 
 def invert(theta: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.inv(_homogeneous(theta.double())).to(theta.dtype)[:, :2]
+    return torch.linalg.inv(_homogeneous(theta.double())).to(_exact(theta).dtype)[:, :2]
 
 
 def identity(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -38,9 +45,15 @@ def identity(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
-    """x (B x C x H x W, float) resampled at `theta` p for every output pixel p (same size)."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
+    """x (B x C x H x W, float) resampled at `theta` p for every output pixel p (same size), in x's dtype.
+
+    The grid and the interpolation run in float32 with autocast off: a half-precision grid at 256 px
+    misplaces samples by up to half a pixel, and autocast would otherwise decide the dtypes."""
+    with torch.autocast(x.device.type, enabled=False):
+        work = _exact(x)
+        grid = F.affine_grid(_exact(theta).to(work.dtype), list(x.shape), align_corners=False)
+        out = F.grid_sample(work, grid, mode=mode, padding_mode=padding, align_corners=False)
+    return out.to(x.dtype)
 
 
 def warp_labels(label: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

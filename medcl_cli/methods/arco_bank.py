@@ -144,17 +144,21 @@ def point_features(
     feats: list[torch.Tensor], b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
     """N x sum(C): each feature map bilinearly upsampled to `size` (align_corners=False, border clamp)
-    and read at pixels (b, y, x) -- computed at those pixels only, equal to interpolating the whole map."""
+    and read at pixels (b, y, x) -- computed at those pixels only, equal to interpolating the whole map.
+    Source coordinates and weights are computed in float32 whatever the maps' dtype: under bf16 autocast
+    a pixel coordinate above 256 (or a fraction like 200.5) is not representable, so the corners and the
+    weights would be wrong."""
     h_out, w_out = size
     n = b.numel()
     cols = []
     for f in feats:
         nb, c, h, w = f.shape
-        sy = ((y.to(f.dtype) + 0.5) * (h / h_out) - 0.5).clamp(0, h - 1)
-        sx = ((x.to(f.dtype) + 0.5) * (w / w_out) - 0.5).clamp(0, w - 1)
+        coord = torch.float64 if f.dtype == torch.float64 else torch.float32
+        sy = ((y.to(coord) + 0.5) * (h / h_out) - 0.5).clamp(0, h - 1)
+        sx = ((x.to(coord) + 0.5) * (w / w_out) - 0.5).clamp(0, w - 1)
         y0, x0 = sy.floor().long(), sx.floor().long()
         y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
-        wy, wx = sy - y0.to(f.dtype), sx - x0.to(f.dtype)
+        wy, wx = (sy - y0.to(coord)).to(f.dtype), (sx - x0.to(coord)).to(f.dtype)
         # one gather of the four corners (one scatter in backward) from a channels-last copy of the map
         flat = f.permute(0, 2, 3, 1).reshape(nb * h * w, c)
         base = b * (h * w)

@@ -257,7 +257,7 @@ class SemiCL(nn.Module):
             z, lab = z[None], lab[None]
         else:
             z, lab = block_pixels(feat, labels, self.block)
-        anchors = (lab > 0).sum().to(feat.dtype)
+        anchors = (lab > 0).sum().float()  # a count: above 65504 it is inf in float16 (autocast)
         if bool(anchors > 0):
             z = F.normalize(self._head(z), dim=-1)
             total, units = local_supcon_parts(z, lab, self.local_tau, self.form, self.chunk, self.mode == "block")
