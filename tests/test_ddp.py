@@ -235,3 +235,41 @@ def test_ddp_split_bn_matches_one_process_when_a_rank_lacks_a_group(tmp_path):
     assert torch.allclose(torch.cat([g["logits"] for g in got]), single["logits"], atol=1e-5)
     for g in got:
         assert torch.allclose(g["running_mean"], single["running_mean"], atol=1e-5)
+
+
+def _launched_worker(rank: int, port: int, data: str, out: str) -> None:
+    """One process as `torchrun --nproc-per-node 1` starts it: RANK/WORLD_SIZE set, world 1."""
+    import json
+    from pathlib import Path
+
+    from medcl_cli.config import load_config
+    from medcl_cli.engine.loop import FitRequest, fit
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = D.env_from_torchrun()
+    sets = {"data.image_size": 32, "train.batch_size": 4, "model.channels": "[8,16,32]", "train.device": "cpu",
+            "train.steps": 2, "train.val_every": 0}
+    try:
+        res = fit(FitRequest(cfg=load_config(sets=[f"{k}={v}" for k, v in sets.items()]), stage="finetune",
+                             data=Path(data), out=Path(out) / "run", dist=env))
+        backend, world = dist.get_backend(), dist.get_world_size()
+    finally:
+        D.shutdown()
+    Path(out, "launched.json").write_text(json.dumps(
+        {"launched": env.launched, "enabled": env.enabled, "backend": backend, "world": world, "best": res.best}))
+
+
+def test_one_process_started_by_torchrun_joins_a_process_group(tiny_dataset, tmp_path):
+    """torchrun with one process runs the distributed code path (as torch DDP does): a gloo group of one
+    on the CPU, nccl on CUDA (tests/test_cuda.py), validation's broadcast and the per-rank generators."""
+    import json
+
+    from medcl_cli.engine import checkpoint
+
+    mp.spawn(_launched_worker, args=(D.free_port(), str(tiny_dataset), str(tmp_path)), nprocs=1, join=True)
+    got = json.loads((tmp_path / "launched.json").read_text())
+    assert got["launched"] and got["enabled"] and got["backend"] == "gloo" and got["world"] == 1
+    assert got["best"] is not None
+    assert len(checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["rng_ranks"]) == 1
+    assert not D.DistEnv().enabled and D.DistEnv(world=2).enabled  # a plain process stays single

@@ -33,10 +33,12 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: joins a process group even with one process
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """A process group is used: several processes, or one that torchrun started (as torch DDP does)."""
+        return self.world > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +51,7 @@ def env_from_torchrun() -> DistEnv:
         rank=int(os.environ.get("RANK", "0")),
         world=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        launched=under_launcher(),
     )
 
 

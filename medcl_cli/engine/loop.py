@@ -323,7 +323,7 @@ def _validate(method: Any, slices: Any, val_cases: list[Any], device: torch.devi
             ckpt_io.save(run.ckpt_dir / "best.pt", state)
             run.info["best"] = {"metric": "val_dice", "value": best, "step": step}
     if env.enabled:
-        b = torch.tensor([float("nan") if best is None else best])
+        b = torch.tensor([float("nan") if best is None else best], device=device)  # nccl: CUDA tensors only
         torch.distributed.broadcast(b, src=0)
         best = None if np.isnan(b.item()) else float(b.item())
     return best
