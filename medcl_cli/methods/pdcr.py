@@ -30,6 +30,7 @@ from torch import nn
 from medcl_cli.engine.protocol import DataSpec
 from medcl_cli.errors import UsageError, unknown_choice
 from medcl_cli.methods.losses import affinity_contrast, foreground_ratios
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.methods.samplers import grid_positions
 from medcl_cli.methods.supervised import dice_ce_parts
 
@@ -148,7 +149,7 @@ class PDCR(nn.Module):
         terms = []
         for name in names:  # a handful of configured stages, each fully vectorised
             v, rho = self._sample(name, feats[name], label, n)
-            terms.append(affinity_contrast(v[:, None], rho, tau=self.cfg.temperature))
+            terms.append(in_float32(affinity_contrast)(v[:, None], rho, tau=self.cfg.temperature))
         return torch.stack(terms).mean()
 
     def _cross_term(self, feats: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class PDCR(nn.Module):
         terms = []
         for a, b in itertools.combinations(dict.fromkeys(self.cfg.cross_stages), 2):
             (qa, ra), (kb, rb) = sampled[a], sampled[b]
-            terms.append(affinity_contrast(qa[:, None], ra, kb[:, None], rb, tau=self.cfg.temperature))
+            terms.append(in_float32(affinity_contrast)(qa[:, None], ra, kb[:, None], rb, tau=self.cfg.temperature))
         return torch.stack(terms).mean()
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
