@@ -179,3 +179,30 @@ def test_acdc_runner_resumes_a_killed_stage(shared_data, tmp_path):
     walls = [p["wall_s"] for p in row["curve"]["finetune"]]
     assert walls == sorted(walls)  # wall seconds continue across the resume
     assert "finetune --resume" in (ft.parent / "logs" / "finetune.log").read_text()
+
+
+@pytest.mark.slow
+def test_speed_runner_times_every_method_in_fp32_and_bf16_side_by_side(tmp_path):
+    """--precision fp32,bf16: both precisions of each method in the one interleaved loop, with the ratio;
+    on a CPU without native bf16 the runner refuses bf16 by name instead."""
+    from medcl_cli.engine.device import cpu_bf16_supported
+
+    out = tmp_path / "speed"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--methods", "supervised,simclr", "--steps", "1",
+         "--warmup", "0", "--image-size", "32", "--precision", "fp32,bf16", "--device", "cpu", "--out", str(out),
+         "--data-root", str(tmp_path / "data")],
+        capture_output=True, text=True,
+    )
+    if not cpu_bf16_supported():
+        assert res.returncode != 0 and "--precision bf16" in res.stderr and "native bf16" in res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    js = json.loads((out / "results.json").read_text())
+    assert js["precisions"] == ["fp32", "bf16"]
+    for key in ("supervised", "simclr", "basicunet"):
+        r = js["methods"][key]
+        assert set(r["precision_step_s"]) == {"fp32", "bf16"} and all(v > 0 for v in r["precision_step_s"].values())
+        assert r["precision_ratio"]["fp32"] == 1.0
+        assert r["precision_ratio"]["bf16"] == pytest.approx(r["precision_step_s"]["bf16"] / r["step_s"])
+    assert "| method | fp32 s / step | bf16 s / step | bf16 / fp32 |" in res.stdout
