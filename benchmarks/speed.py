@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(s: dict[str, Any]) -> str:
     lines = [
         f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']} "
-        f"({(s.get('precisions') or ['fp32'])[0]}, {s.get('threads')} threads); "
+        f"({(s.get('precisions') or ['fp32'])[0]}, torch threads: {s.get('threads')}); "
         f"step times {s['timing']}, peak memory one process per method",
         "",
         "| method | s / step | x supervised | peak MB | x supervised | data s / batch | data / step |",
