@@ -16,6 +16,20 @@ of each stage (from the child's rusage) go in the table beside per-class Dice an
     python benchmarks/acdc.py --out bench/full --methods supervised --labeled all      # all 70 patients labelled
     python benchmarks/acdc.py --out bench/arco_ns --methods arco --labeled 3 --set arco.sampler=ns --tag=-ns \
         --pretrain-from bench/acdc      # the fine-tuning sampler alone changes: reuse the sg pretraining
+    python benchmarks/acdc.py --out bench/curves --methods arco --labeled 1,3 --curve 250   # learning curves
+    python benchmarks/acdc.py --out bench/curves --methods arco --labeled 1,3 --curve 250 --resume   # after a kill
+
+Learning curves (`--curve N`): every stage validates every N steps (`train.val_every`, the engine's own
+validation on the val split, which also picks best.pt); the val Dice of each validation with the step and
+the wall and training seconds since the stage began (the run's metrics.csv) go into results.json as
+`curve` points per row, and `OUT/METHOD/curves.png` plots them against the pipeline's step and wall
+seconds (a fine-tuning point is placed after its pretraining's steps and seconds).
+
+Resuming (`--resume`, the same arguments otherwise): a stage whose run folder finished is kept, one
+with checkpoints/last.pt is continued with `medcl pretrain|finetune --resume` (the engine restores
+weights, optimizer, RNG and the wall-clock offset), any other is run again; an evaluation is kept when
+its summary exists. SIGINT/SIGTERM to the runner are passed on to the running stage, which saves last.pt
+and stops; the runner then exits 130.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -36,22 +51,112 @@ LABEL_NAMES = "0=background,1=RV,2=Myo,3=LV"
 CLASSES = ("RV", "Myo", "LV")
 
 
+EXIT_INTERRUPTED = 130
+
+
+class StageInterrupted(Exception):
+    """A stage stopped by SIGINT/SIGTERM (passed on to it): the benchmark stops, to be resumed."""
+
+
+class _Forward:
+    """While a stage runs, SIGINT/SIGTERM to this runner go to the stage (which flushes last.pt)."""
+
+    child: subprocess.Popen[bytes] | None = None
+    received: int | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        cls.received = signum
+        if cls.child is not None and cls.child.poll() is None:
+            cls.child.send_signal(signum)
+        elif cls.child is None:
+            raise KeyboardInterrupt
+
+
 def run_stage(args: list[str], log: Path) -> dict[str, Any]:
     """Run `medcl ARGS`; wall seconds, peak RSS (MB) of that child and its exit code; output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as fh:
+    with open(log, "a" if "--resume" in args else "w", encoding="utf-8") as fh:
         fh.write("$ medcl " + " ".join(args) + "\n")
         fh.flush()
         proc = subprocess.Popen([sys.executable, "-m", "medcl_cli", *args], stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        _Forward.child = proc
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            _Forward.child = None
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
     peak_mb = usage.ru_maxrss / 1024.0  # Linux: KiB
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"medcl {args[0]} failed (exit {proc.returncode}): {' | '.join(tail)} (log: {log})")
+        msg = f"medcl {args[0]} failed (exit {proc.returncode}): {' | '.join(tail)} (log: {log})"
+        if _Forward.received is not None or proc.returncode in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
+            raise StageInterrupted(msg)
+        raise RuntimeError(msg)
     return {"seconds": round(seconds, 2), "peak_mb": round(peak_mb, 1)}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def train_stage(stage: str, run: Path, args: list[str], log: Path, resume: bool, data: Path, device: str) -> dict[str, Any]:
+    """`medcl STAGE ARGS --out RUN --overwrite`; with `resume`: keep a finished run (its timing from the
+    record beside the log), continue one that left checkpoints/last.pt, else run it again."""
+    record = log.with_suffix(".json")
+    info = _read_json(run / "run.json") if resume else None
+    if info is not None and info.get("status") == "completed":
+        done = _read_json(record)
+        if done is not None:
+            return done
+    if info is not None and (run / "checkpoints" / "last.pt").is_file():
+        before = float(info.get("wall_s", 0.0))
+        res = run_stage([stage, "--resume", str(run), "--data", str(data), "--device", device], log)
+        res = {**res, "seconds": round(res["seconds"] + before, 2), "resumed": True}
+    else:
+        res = run_stage([stage, *args, "--out", str(run), "--overwrite"], log)
+    record.write_text(json.dumps(res), encoding="utf-8")
+    return res
+
+
+def eval_stage(args: list[str], out: Path, log: Path, resume: bool) -> dict[str, Any]:
+    """`medcl evaluate ARGS --out OUT --overwrite`; with `resume`, kept when its summary and record exist."""
+    record = log.with_suffix(".json")
+    if resume and (out / "summary.json").is_file():
+        done = _read_json(record)
+        if done is not None:
+            return done
+    res = run_stage(["evaluate", *args, "--out", str(out), "--overwrite"], log)
+    record.write_text(json.dumps(res), encoding="utf-8")
+    return res
+
+
+def curve_points(run: Path) -> list[dict[str, float]]:
+    """The validations of a run folder from its metrics.csv: step, val_dice, wall_s, train_s each."""
+    import csv
+
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return []
+    points: dict[int, dict[str, float]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if (r["split"], r["metric"]) in (("val", "val_dice"), ("time", "wall_s"), ("time", "train_s")):
+                points.setdefault(int(float(r["step"])), {})[r["metric"]] = float(r["value"])
+    return [{"step": s, **p} for s, p in sorted(points.items()) if "val_dice" in p]
+
+
+def stage_totals(run: Path) -> dict[str, float]:
+    """Steps, wall and training seconds a finished run took (run.json), the offset of what follows it."""
+    info = _read_json(run / "run.json") or {}
+    return {"step": float(info.get("steps_done", 0)), "wall_s": float(info.get("wall_s", 0.0)),
+            "train_s": float(info.get("train_s", 0.0))}
 
 
 def ensure_dataset(acdc: Path, data: Path, out: Path) -> dict[str, Any] | None:
@@ -112,8 +217,8 @@ def bench_method(method: str, counts: list[str], a: argparse.Namespace, data: Pa
             done = a.pretrain_from / method / sub
             return {"seconds": 0.0, "reused": str(done)}, done
         run = root / sub
-        return run_stage(["pretrain", "--data", str(data), "--method", method, *labeled, "--out", str(run),
-                          "--overwrite", *common], run.parent / "logs" / "pretrain.log"), run
+        return train_stage("pretrain", run, ["--data", str(data), "--method", method, *labeled, *common],
+                           run.parent / "logs" / "pretrain.log", a.resume, data, a.device), run
 
     shared: tuple[dict[str, Any], Path] | None = None
     if "pretrain" in info.stages and not uses_masks:
@@ -133,20 +238,59 @@ def bench_method(method: str, counts: list[str], a: argparse.Namespace, data: Pa
             init = ["--init-from", str(pre_run)]
         ft_method = method if "finetune" in info.stages else "supervised"
         ft = stage_dir / "finetune"
-        row["finetune"] = run_stage(
-            ["finetune", "--data", str(data), "--method", ft_method, "--labeled", str(labeled), *init, "--out", str(ft),
-             "--overwrite", *common], stage_dir / "logs" / "finetune.log")
-        row["evaluate"] = run_stage(
-            ["evaluate", str(ft), "--data", str(data), "--split", "val", "--out", str(ft / "eval_val"), "--overwrite",
-             "--device", a.device], stage_dir / "logs" / "evaluate.log")
+        row["finetune"] = train_stage(
+            "finetune", ft, ["--data", str(data), "--method", ft_method, "--labeled", str(labeled), *init, *common],
+            stage_dir / "logs" / "finetune.log", a.resume, data, a.device)
+        row["evaluate"] = eval_stage([str(ft), "--data", str(data), "--split", "val", "--device", a.device],
+                                     ft / "eval_val", stage_dir / "logs" / "evaluate.log", a.resume)
         row["val"] = scores(ft / "eval_val" / "summary.json")
         if a.eval_data is not None:
-            row["evaluate_other"] = run_stage(
-                ["evaluate", str(ft), "--data", str(a.eval_data), "--split", "all", "--out", str(ft / "eval_other"),
-                 "--overwrite", "--device", a.device], stage_dir / "logs" / "evaluate_other.log")
+            row["evaluate_other"] = eval_stage(
+                [str(ft), "--data", str(a.eval_data), "--split", "all", "--device", a.device], ft / "eval_other",
+                stage_dir / "logs" / "evaluate_other.log", a.resume)
             row["other"] = scores(ft / "eval_other" / "summary.json")
+        if a.curve:
+            row["curve"] = {"pretrain": curve_points(pre_run) if init else [], "finetune": curve_points(ft),
+                            "pretrain_totals": stage_totals(pre_run) if init else None}
         rows.append(row)
+    if a.curve and rows:
+        plot_curves(method + a.tag, rows, root / "curves.png")
     return rows
+
+
+def plot_curves(name: str, rows: list[dict[str, Any]], out: Path) -> Path:
+    """Val Dice against the pipeline's step and wall seconds, one line per label count (pretraining
+    points dashed; fine-tuning points shifted by their pretraining's steps and seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, r in enumerate(rows):
+        color = f"C{i}"
+        c = r["curve"]
+        off = c.get("pretrain_totals") or {"step": 0.0, "wall_s": 0.0}
+        for ax, key in zip(axes, ("step", "wall_s")):
+            pre = c["pretrain"]
+            if pre:
+                ax.plot([p[key] for p in pre], [100 * p["val_dice"] for p in pre], "--", color=color, marker=".")
+            ft = c["finetune"]
+            ax.plot([off[key] + p.get(key, float("nan")) for p in ft], [100 * p["val_dice"] for p in ft], "-",
+                    color=color, marker="o", markersize=3, label=f"{r['labeled']} labelled")
+            if off[key]:
+                ax.axvline(off[key], color=color, linestyle=":", linewidth=0.8)
+    axes[0].set_xlabel("step (pretraining, then fine-tuning)")
+    axes[1].set_xlabel("wall seconds")
+    for ax in axes:
+        ax.set_ylabel("val Dice (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: validation Dice (dashed: pretraining stage)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def _f(v: Any, pct: bool = False) -> str:
@@ -192,8 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", help="extra config override for every stage (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve", type=int, default=0, metavar="N",
+                   help="learning curves: validate every N steps of every stage (train.val_every=N)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command: finished stages are kept")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.curve < 0:
+        raise SystemExit(f"--curve: expected a number of steps >= 1, found {a.curve}")
+    if a.curve:
+        a.set = [*(a.set or []), f"train.val_every={a.curve}"]
     a.out.mkdir(parents=True, exist_ok=True)
     data = a.data or (a.out / "dataset")
     counts = [x.strip() for x in a.labeled.split(",") if x.strip()]
@@ -202,12 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--labeled: {bad[0]!r} is neither a label count nor all")
     results: dict[str, Any] = {"preset": str(a.preset), "overrides": a.set or [], "device": a.device,
                                "ingest": ensure_dataset(a.acdc, data, a.out), "rows": [], "failed": []}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _Forward.handle)
     for method in method_list(a.methods):
         try:
             results["rows"].extend(bench_method(method, counts, a, data))
         except RuntimeError as exc:  # one method failing does not lose the others' numbers
             results["failed"].append({"method": method, "error": str(exc)})
             print(f"warning: {exc}", file=sys.stderr)
+        except (StageInterrupted, KeyboardInterrupt) as exc:
+            results["interrupted"] = {"method": method, "error": str(exc)}
+            (a.out / "results.json").write_text(json.dumps(results, indent=2))
+            print(f"interrupted: {exc}\ncontinue with the same command and --resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         (a.out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(results["rows"], a.eval_data is not None)
     (a.out / "results.md").write_text(md + "\n")

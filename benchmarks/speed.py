@@ -1,6 +1,7 @@
 """Training speed and memory of every registered method (benchmark.md section 2).
 
     python benchmarks/speed.py [--batch-size 8] [--image-size 128] [--steps 10] [--device auto] [--out DIR]
+                               [--precision fp32,bf16]
 
 For every method in `medcl_cli.methods.REGISTRY` (a key `METHOD:STAGE` picks a stage; a method with two
 stages, arco, is measured in both: `arco` is its first, `arco:finetune` its second): the peak memory
@@ -15,6 +16,12 @@ peak reached by the supervised step (torch.utils.flop_counter FLOPs per second o
 float32 matmul timed in the same run), and the data time per batch (memory-mapped lookup + transfer +
 two-view augmentation) against the step time. Prints a Markdown table; writes results.json and
 results.md into --out (default benchmarks/results/speed/).
+
+Precision (`--precision`, a comma list of train.precision values; default fp32 and bf16 where the device
+computes bf16 natively, else fp32 alone): the first value is the reference of the main table and of the
+peak memory; with more than one, every method's step is timed in each precision, all of them taking
+turns in the same interleaved loop (the same initial weights, batches and views), and a second table
+gives the seconds per step side by side with their ratio to the first precision.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def _dataset(image_size: int, root: Path) -> Path:
 class Bench:
     """One method (or `basicunet`) built on the benchmark batch; `step(t)` times one training step."""
 
-    def __init__(self, key: str, args: argparse.Namespace) -> None:
+    def __init__(self, key: str, args: argparse.Namespace, precision: str | None = None) -> None:
         import torch
 
         from medcl_cli.config import load_config
@@ -74,7 +81,7 @@ class Bench:
         if stage and stage not in stages:
             raise SystemExit(f"{method_key} has no stage '{stage}' (its stages: {', '.join(stages)})")
         self.cfg = load_config(sets=[f"method={method_key}", f"data.image_size={args.image_size}"])
-        self.dtype = resolve_precision(self.cfg.train.precision, self.device)
+        self.dtype = resolve_precision(precision or args.precisions[0], self.device)
         slices = open_slices(_dataset(args.image_size, Path(args.data_root)), self.cfg.data)
         mark_labeled(slices, labeled_patients(slices, "3", 0))
         spec = DataSpec(slices.num_classes, slices.meta_cardinality, stage or stages[0], 1)
@@ -175,17 +182,37 @@ def measure_one(key: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def interleaved(keys: list[str], args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """Median (step, data) seconds per method, all methods in one process taking turns step by step, so
-    load from other processes on a shared machine hits every method alike (ratios stay meaningful)."""
-    benches = {k: Bench(k, args) for k in keys}
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+def interleaved(keys: list[str], args: argparse.Namespace) -> dict[tuple[str, str], tuple[float, float]]:
+    """Median (step, data) seconds per (method, precision), all of them in one process taking turns step
+    by step, so load from other processes on a shared machine hits every one alike (ratios stay meaningful)."""
+    benches = {(k, p): Bench(k, args, p) for k in keys for p in args.precisions}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {kp: [] for kp in benches}
     for t in range(args.warmup + args.steps):
-        for k, b in benches.items():
+        for kp, b in benches.items():
             d, s, _ = b.step(t)
             if t >= args.warmup:
-                times[k].append((s, d))
-    return {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in times.items()}
+                times[kp].append((s, d))
+    return {kp: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for kp, v in times.items()}
+
+
+def precisions(spec: str, device_spec: str) -> list[str]:
+    """The train.precision values to time: `spec` (comma list), or fp32 + bf16 where bf16 is native."""
+    import torch
+
+    from medcl_cli.engine.device import resolve_device, resolve_precision
+    from medcl_cli.errors import UsageError
+
+    device = resolve_device(device_spec)
+    if not spec:
+        native = device.type == "cuda" or resolve_precision("auto", device) == torch.bfloat16
+        return ["fp32", "bf16"] if native else ["fp32"]
+    out = [p.strip() for p in spec.split(",") if p.strip()]
+    for p in out:
+        try:
+            resolve_precision(p, device)
+        except UsageError as exc:
+            raise SystemExit(f"--precision {p}: {exc.message}") from None
+    return out
 
 
 def matmul_peak(device_spec: str) -> float:
@@ -220,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(Path(tempfile.gettempdir()) / "medcl-bench"))
     p.add_argument("--no-interleave", dest="interleave", action="store_false",
                    help="report the isolated per-process step times instead of the interleaved ones")
+    p.add_argument("--precision", default="", help="comma list of train.precision values, the first the "
+                   "reference (default: fp32,bf16 where bf16 is native, else fp32)")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one key, print JSON
     args = p.parse_args(argv)
+    args.precisions = precisions(args.precision, args.device)
     if args.one:
         print(json.dumps(measure_one(args.one, args)))
         return 0
@@ -239,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in keys:
         cmd = [sys.executable, __file__, "--one", key, "--batch-size", str(args.batch_size), "--image-size",
                str(args.image_size), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device",
-               args.device, "--data-root", args.data_root]
+               args.device, "--data-root", args.data_root, "--precision", args.precisions[0]]
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if res.returncode != 0:
             print(f"{key}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -253,10 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**rows[key], "repeats_s": row["repeats_s"]}
         rows[key] = row
     ok = [k for k, r in rows.items() if "step_s" in r]
+    ref = args.precisions[0]
     if args.interleave and ok:
-        for k, (step_s, data_s) in interleaved(ok, args).items():
+        timed = interleaved(ok, args)
+        for k in ok:
             rows[k]["isolated_step_s"], rows[k]["isolated_data_s"] = rows[k]["step_s"], rows[k]["data_s"]
-            rows[k]["step_s"], rows[k]["data_s"] = step_s, data_s
+            rows[k]["step_s"], rows[k]["data_s"] = timed[(k, ref)]
+            if len(args.precisions) > 1:
+                rows[k]["precision_step_s"] = {p: timed[(k, p)][0] for p in args.precisions}
+                rows[k]["precision_ratio"] = {p: timed[(k, p)][0] / timed[(k, ref)][0] for p in args.precisions}
     peak = matmul_peak(args.device)
     sup = rows.get("supervised", {})
     for r in rows.values():
@@ -265,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             r["memory_ratio"] = r["peak_mb"] / sup["peak_mb"]
     summary = {
         "timing": "interleaved in one process" if args.interleave else "one process per method",
+        "precisions": args.precisions,
+        "threads": sup.get("threads"),
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "device": sup.get("device"),
@@ -286,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(s: dict[str, Any]) -> str:
     lines = [
-        f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']}; "
+        f"Training step, batch {s['batch_size']}, {s['image_size']} x {s['image_size']} px, device {s['device']} "
+        f"({(s.get('precisions') or ['fp32'])[0]}, torch threads: {s.get('threads')}); "
         f"step times {s['timing']}, peak memory one process per method",
         "",
         "| method | s / step | x supervised | peak MB | x supervised | data s / batch | data / step |",
@@ -303,6 +341,23 @@ def render(s: dict[str, Any]) -> str:
     lines.append("")
     if "supervised_vs_basicunet" in s:
         lines.append(f"supervised step / MONAI BasicUNet step (same widths, same loss): {s['supervised_vs_basicunet']:.2f}")
+    precs = s.get("precisions", [])
+    timed = {k: r for k, r in s["methods"].items() if "precision_step_s" in r}
+    if len(precs) > 1 and timed:
+        ref = precs[0]
+        lines += [
+            "",
+            f"Precision: seconds per step of each method in {', '.join(precs)} (interleaved, same batches), "
+            f"and the ratio to {ref}",
+            "",
+            "| method | " + " | ".join(f"{p} s / step" for p in precs) + " | "
+            + " | ".join(f"{p} / {ref}" for p in precs[1:]) + " |",
+            "|---|" + "---|" * (2 * len(precs) - 1),
+        ]
+        for k, r in timed.items():
+            cells = [f"{r['precision_step_s'][p]:.4f}" for p in precs] + [f"{r['precision_ratio'][p]:.2f}" for p in precs[1:]]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "fraction_of_peak" in s:
         lines.append(
             f"supervised step: {s['supervised_flops_per_s'] / 1e9:.2f} GFLOP/s = {100 * s['fraction_of_peak']:.1f} % "

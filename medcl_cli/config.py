@@ -103,7 +103,7 @@ class TrainConfig:
     val_every: int = 250  # validate per 3D volume every N steps (0 = only at the end)
     checkpoint_every: int = 100  # write checkpoints/last.pt every N steps
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16/fp16 on CUDA, bf16 on a CPU with native bf16, else fp32) | fp32 | bf16 | fp16
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

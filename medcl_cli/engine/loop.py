@@ -1,7 +1,7 @@
 """The one fit loop behind `medcl pretrain` and `medcl finetune` (any method, any stage).
 
 It builds the network, the method, optimizer and schedule; iterates step-indexed batches; augments on
-the device; calls `training_step` under autocast (CUDA only), the method's backward, averages gradients
+the device; calls `training_step` under autocast (CUDA, or bf16 on a CPU with native bf16), the method's backward, averages gradients
 over DDP ranks, clips, steps; validates per 3D volume; checkpoints atomically; resumes exactly. The
 engine knows the method protocol (core/protocol.py), never a concrete method.
 
@@ -193,7 +193,10 @@ def _fit(
         f"{len(patients)} labelled patient(s), {int(slices.split_mask('train').sum())} training slices"
     )
     local_rows = torch.from_numpy(sampler.local_rows())
-    timers = {"data": 0.0, "step": 0.0, "val": 0.0}
+    timers = {"data": 0.0, "step": 0.0, "val": 0.0, "t0": t0, "wall0": 0.0, "train0": 0.0}
+    if req.resume:  # wall and training seconds continue from the killed run's last checkpoint
+        timers["wall0"] = float(run.info.get("wall_s", 0.0))
+        timers["train0"] = float(run.info.get("train_s", 0.0))
     last: dict[str, float] = {}
     step = start
     rep.start(req.stage, tcfg.steps)
@@ -251,7 +254,7 @@ def _fit(
         if validates and (end or (tcfg.val_every > 0 and step % tcfg.val_every == 0)):
             best = _validate(method, slices, val_cases, device, dtype, run, rep, step, best, cfg, opt, scaler, req, env, timers)
         if stopping or end or step % max(tcfg.checkpoint_every, 1) == 0:
-            _save_last(run, env, method, opt, scaler, step, best, cfg, req, slices)
+            _save_last(run, env, method, opt, scaler, step, best, cfg, req, slices, _clock(timers))
         if stopping:
             rep.finish(req.stage)
             run.finish("interrupted", EXIT_INTERRUPTED, steps_done=step, timings=_timings(timers, step - start, t0))
@@ -261,7 +264,7 @@ def _fit(
             )
     rep.finish(req.stage)
     if step == start:  # nothing to do (already at the requested number of steps): still leave a checkpoint
-        _save_last(run, env, method, opt, scaler, step, best, cfg, req, slices)
+        _save_last(run, env, method, opt, scaler, step, best, cfg, req, slices, _clock(timers))
     timings = _timings(timers, step - start, t0)
     run.finish("completed", 0, steps_done=step, timings=timings)
     D.barrier(env)
@@ -278,6 +281,15 @@ def _timings(timers: dict[str, float], n: int, t0: float) -> dict[str, float]:
     }
 
 
+def _clock(timers: dict[str, float]) -> dict[str, float]:
+    """Seconds since the run began, over every resumed segment: wall clock (setup and validation included)
+    and training alone (data + step)."""
+    return {
+        "wall_s": round(timers["wall0"] + time.perf_counter() - timers["t0"], 3),
+        "train_s": round(timers["train0"] + timers["data"] + timers["step"], 3),
+    }
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     nb = device.type == "cuda"
     out: dict[str, Any] = {}
@@ -289,7 +301,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: Any, step: int, best: Any, cfg: Config, req: FitRequest, slices: Any) -> None:
+def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: Any, step: int, best: Any, cfg: Config, req: FitRequest, slices: Any, clock: dict[str, float]) -> None:
     # under DDP, every rank's generators (a collective: all ranks call it), so a resume continues each stream
     rngs = D.gather_objects(env, ckpt_io.rng_state()) if env.enabled else None
     if env.is_main:
@@ -299,7 +311,7 @@ def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: An
         ckpt_io.save(run.ckpt_dir / "last.pt", state)
         run.flush()
         run.event("checkpoint", step=step, file="checkpoints/last.pt")
-        run.info.update(steps_done=step, updated=now())
+        run.info.update(steps_done=step, updated=now(), **clock)
         run.save_info()
     D.barrier(env)
 
@@ -313,6 +325,8 @@ def _validate(method: Any, slices: Any, val_cases: list[Any], device: torch.devi
         timers["val"] += time.perf_counter() - tv
         for k, v in scores.items():
             run.metric(step, "val", k, v)
+        for k, v in _clock(timers).items():  # learning curves against time (split "time": not plotted as Dice)
+            run.metric(step, "time", k, v)
         dice = scores.get("val_dice", float("nan"))
         improved = np.isfinite(dice) and (best is None or dice > best)
         rep.log(f"step {step}: val_dice {dice:.4f}" + (" (best)" if improved else ""))

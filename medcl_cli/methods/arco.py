@@ -73,6 +73,7 @@ from medcl_cli.methods.losses.relational import (
     relational_kl,
 )
 from medcl_cli.methods.losses.segmentation import dice_ce
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.methods.samplers import dense_groups, grid_cells
 from medcl_cli.models.heads import DenseHead, GlobalHead, Predictor
 
@@ -239,13 +240,13 @@ class ARCO(nn.Module):
         """(B L) x (d 8 8) L2-normalised patch embeddings of pooled logits (L = (2 G - 1)^2 patches)."""
         pooled = F.adaptive_avg_pool2d(logits, PATCH * self.c.local_cells)
         patches = F.unfold(head(pooled), PATCH, stride=PATCH // 2)
-        return F.normalize(patches.transpose(1, 2).reshape(-1, patches.shape[1]), dim=1)
+        return F.normalize(patches.transpose(1, 2).reshape(-1, patches.shape[1]).float(), dim=1)
 
     @staticmethod
     def _rep(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
         """The 1x1-conv representation head applied to N sampled feature vectors -> N x D, normalised."""
         out = head(feats.t()[None, :, :, None])[0, :, :, 0].t()
-        return F.normalize(out, dim=1)
+        return F.normalize(out.float(), dim=1)
 
     # ---- stage 1 ----------------------------------------------------------------------------------
 
@@ -273,8 +274,8 @@ class ARCO(nn.Module):
         s_loc = self._local(lambda m: self.predictors["loc"](self.heads["loc"](m)), out.logits)[patch_rows]
         zero = out.logits.sum() * 0.0
         if bool(rows.any()):
-            l_glob = relational_kl(s_glob, t_glob, self.global_queue.valid(), c.tau_s, c.tau_t)
-            l_loc = relational_kl(s_loc, t_loc, self.local_queue.valid(), c.tau_s, c.tau_t)
+            l_glob = in_float32(relational_kl)(s_glob, t_glob, self.global_queue.valid(), c.tau_s, c.tau_t)
+            l_loc = in_float32(relational_kl)(s_loc, t_loc, self.local_queue.valid(), c.tau_s, c.tau_t)
             self._pending = {"glob": t_glob, "loc": t_loc[keep]}
         else:
             l_glob = l_loc = zero + s_glob.sum() * 0.0 + s_loc.sum() * 0.0
@@ -300,7 +301,7 @@ class ARCO(nn.Module):
         sup = self._sup(out.logits, y, lab)
         unl = ~lab
         if bool(unl.any()):
-            unsup = pseudo_label_ce(out.logits[unl], target[unl], conf[unl], c.confidence, c.unsup_mode)
+            unsup = in_float32(pseudo_label_ce)(out.logits[unl], target[unl], conf[unl], c.confidence, c.unsup_mode)
         else:
             unsup = out.logits.sum() * 0.0
         contrast, nn_loss = self._contrast_and_nn(out, t, target, conf, lab, src, (nb, h, w))
@@ -368,7 +369,7 @@ class ARCO(nn.Module):
             self.nn_bank.push(_gathered(t_img, self.nn_bank.data))
         if t_img is not None:
             s_img = F.normalize(s_nn.reshape(ub.numel(), -1), dim=1)
-            nn_loss = nearest_neighbour_loss(s_img, t_img, self.nn_bank.valid(), c.nn_topk, c.nn_student_grad)
+            nn_loss = in_float32(nearest_neighbour_loss)(s_img, t_img, self.nn_bank.valid(), c.nn_topk, c.nn_student_grad)
             self._pending["nn"] = t_img
         return contrast, nn_loss
 
@@ -394,7 +395,7 @@ class ARCO(nn.Module):
             neg = torch.empty(idx.numel(), protos.shape[1], dtype=protos.dtype, device=protos.device)
             neg[from_bank] = self.bank.take(slots[idx[from_bank]]).to(protos.dtype)
             neg[~from_bank] = fresh[idx[~from_bank] - slots.numel()]
-            terms.append(prototype_info_nce(anchors[a_cls == k], positive, neg, c.temperature))
+            terms.append(in_float32(prototype_info_nce)(anchors[a_cls == k], positive, neg, c.temperature))
         if not terms:
             return anchors.sum() * 0.0
         return torch.stack(terms).mean()

@@ -39,6 +39,7 @@ from medcl_cli.methods.gradients import (
     get_combiner,
 )
 from medcl_cli.methods.losses.contrastive import pixel_supcon, supcon
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.methods.samplers import topk_saliency
 from medcl_cli.models.heads import DenseHead, GlobalHead
 from medcl_cli.models.unet import UNet
@@ -136,7 +137,7 @@ class GCL(nn.Module):
         if not (torch.is_grad_enabled() and img_loss.requires_grad):
             return feat.detach().norm(dim=1)  # no graph (evaluation): fall back to feature magnitude
         (grad,) = torch.autograd.grad(img_loss, feat, retain_graph=True)
-        return (grad * feat.detach()).sum(1).abs()
+        return (grad.float() * feat.detach().float()).sum(1).abs()
 
     def pixel_pairs(
         self, emb: torch.Tensor, score: torch.Tensor, theta1: torch.Tensor, theta2: torch.Tensor
@@ -170,13 +171,13 @@ class GCL(nn.Module):
         z = F.normalize(self.image_head(feat), dim=1)
         z_all = gather_with_grad(z.reshape(2, b, -1).transpose(0, 1).reshape(2 * b, -1))
         lab_all = gather_with_grad(codes.t().repeat_interleave(2, dim=0)).t()  # rows: (slice, view) pairs
-        img = supcon(z_all, lab_all, self.tau)  # M
+        img = in_float32(supcon)(z_all, lab_all, self.tau)  # M
         score = self.filter_scores((self.w_img * img).sum(), feat)
         p1, p2, keep, idx = self.pixel_pairs(self.pixel_head(feat), score, batch["theta"], batch["theta2"])
         positions = gather_with_grad(idx) if self.pixel_positives == "position" else None
         valid = gather_with_grad(keep.to(torch.uint8)).bool()  # bool collectives are not portable
         pix_codes = gather_with_grad(codes.t()).t()
-        pix = pixel_supcon(gather_with_grad(p1), gather_with_grad(p2), pix_codes, self.pixel_tau, valid, positions)
+        pix = in_float32(pixel_supcon)(gather_with_grad(p1), gather_with_grad(p2), pix_codes, self.pixel_tau, valid, positions)
         out: dict[str, torch.Tensor] = {}
         for m, name in enumerate(self.meta_labels):
             out[f"img_{name}"] = img[m]

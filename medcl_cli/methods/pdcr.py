@@ -31,6 +31,7 @@ from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import UsageError, unknown_choice
 from medcl_cli.methods.losses.patch_contrast import affinity_contrast, foreground_ratios
 from medcl_cli.methods.losses.segmentation import dice_ce_parts
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.methods.samplers import grid_positions
 
 PATCHES = ("hierarchical", "rf")
@@ -148,7 +149,7 @@ class PDCR(nn.Module):
         terms = []
         for name in names:  # a handful of configured stages, each fully vectorised
             v, rho = self._sample(name, feats[name], label, n)
-            terms.append(affinity_contrast(v[:, None], rho, tau=self.cfg.temperature))
+            terms.append(in_float32(affinity_contrast)(v[:, None], rho, tau=self.cfg.temperature))
         return torch.stack(terms).mean()
 
     def _cross_term(self, feats: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class PDCR(nn.Module):
         terms = []
         for a, b in itertools.combinations(dict.fromkeys(self.cfg.cross_stages), 2):
             (qa, ra), (kb, rb) = sampled[a], sampled[b]
-            terms.append(affinity_contrast(qa[:, None], ra, kb[:, None], rb, tau=self.cfg.temperature))
+            terms.append(in_float32(affinity_contrast)(qa[:, None], ra, kb[:, None], rb, tau=self.cfg.temperature))
         return torch.stack(terms).mean()
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

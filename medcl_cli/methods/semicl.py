@@ -48,6 +48,7 @@ from medcl_cli.data.augment import align, identity, make_views, overlap_mask
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.losses.contrastive import LOCAL_FORMS, nt_xent
 from medcl_cli.methods.losses.local_contrast import local_supcon_parts
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.methods.samplers import block_partition, stride_indices
 from medcl_cli.models.heads import DenseHead, GlobalHead
 from medcl_cli.models.unet import UNet
@@ -213,7 +214,7 @@ class SemiCL(nn.Module):
         b = batch["image"].shape[0]
         feat = self.net.encode(torch.cat([batch["image"], batch["image2"]]))[-1]
         z = F.normalize(self.global_head(feat), dim=1)
-        return nt_xent(gather_with_grad(z[:b]), gather_with_grad(z[b:]), self.global_tau)
+        return in_float32(nt_xent)(gather_with_grad(z[:b]), gather_with_grad(z[b:]), self.global_tau)
 
     def local_views(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Two views of the labelled slices (2n x 1 x H x W), their labels on the base grid (2n x H x W)
@@ -260,7 +261,7 @@ class SemiCL(nn.Module):
         anchors = (lab > 0).sum().float()  # a count: above 65504 it is inf in float16 (autocast)
         if bool(anchors > 0):
             z = F.normalize(self._head(z), dim=-1)
-            total, units = local_supcon_parts(z, lab, self.local_tau, self.form, self.chunk, self.mode == "block")
+            total, units = in_float32(local_supcon_parts)(z, lab, self.local_tau, self.form, self.chunk, self.mode == "block")
         else:
             # nothing to contrast: a zero that still runs the head (its batch norm synchronises DDP ranks)
             # and reaches the network, so every rank does the same collective work

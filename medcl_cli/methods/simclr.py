@@ -17,6 +17,7 @@ from torch import nn
 from medcl_cli.core.collectives import gather_with_grad
 from medcl_cli.errors import UsageError
 from medcl_cli.methods.losses.contrastive import nt_xent
+from medcl_cli.methods.precision import in_float32
 from medcl_cli.models.heads import GlobalHead
 from medcl_cli.models.unet import UNet
 
@@ -43,7 +44,7 @@ class SimCLR(nn.Module):
         feat = self.net.encode(torch.cat([batch["image"], batch["image2"]]))[-1]
         z = F.normalize(self.head(feat), dim=1)
         z1, z2 = gather_with_grad(z[:b]), gather_with_grad(z[b:])
-        return {"loss": nt_xent(z1, z2, self.tau)}
+        return {"loss": in_float32(nt_xent)(z1, z2, self.tau)}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.training_step(batch)

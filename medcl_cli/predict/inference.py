@@ -1,7 +1,7 @@
 """Segment a 3D volume with a trained network and return the mask on the volume's exact grid.
 
 The path is the one training uses (`data.preprocess`): the volume is normalised and cut into z-slices at
-the model size, the slices go through the network in batches (no grad; autocast on CUDA), the softmax
+the model size, the slices go through the network in batches (no grad; autocast as in training), the softmax
 probabilities are brought back to the original slice grid (`logits_to_volume`), and the argmax becomes a
 label image that copies the input's size, spacing, origin and direction (`CopyInformation`). Nothing is
 resampled in 3D, so the output lines up with the input voxel for voxel.
