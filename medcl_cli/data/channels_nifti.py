@@ -22,11 +22,23 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from medcl_cli.core.report import NullReporter, Reporter
-from medcl_cli.data.channels import assign_channels, best_matches, channel_file, resample_onto, stack_channels
+from medcl_cli.data.channels import (
+    assign_channels,
+    best_matches,
+    channel_file,
+    resample_onto,
+    stack_channels,
+)
 from medcl_cli.data.dicom.cases import ReportRow
 from medcl_cli.data.dicom.volume import write_volume
 from medcl_cli.data.ingest_nifti import NiftiCase, case_name, convert_volume
-from medcl_cli.data.io import grid_difference, is_volume_file, read_image, same_grid, strip_suffix
+from medcl_cli.data.io import (
+    grid_difference,
+    is_volume_file,
+    read_image,
+    same_grid,
+    strip_suffix,
+)
 from medcl_cli.errors import MedclError
 
 _NNUNET = re.compile(r"^(.+)_(\d{4})$")
