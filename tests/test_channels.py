@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
-from volumes import run_cli
 
 from medcl_cli.config import AugmentConfig
 from medcl_cli.data.augment import make_views
@@ -118,6 +117,8 @@ def test_tcia_ingest_one_case_per_study_with_three_channels(brain):
     refused = report[report["status"] == "failed:missing-channel"]
     assert len(refused) == 2 and all("'T2'" in r and "FLAIR_reg, T1post" in r for r in refused["reason"])
     assert (report["status"] == "ignored:incomplete-study").sum() == 6  # their T1post, FLAIR_reg and mask
+    masks = report[(report["description"] == "Mask_Tumor") & (report["status"] == "label")]
+    assert sorted(masks["reason"]) == ["label of case_0001", "label of case_0002"]  # the merged case ids
     flair = report[report["description"] == "FLAIR_reg"]
     assert sorted(flair["reason"])[:2] == ["channel 1 (FLAIR) of case_0001", "channel 1 (FLAIR) of case_0002"]
     # the channels are the study's own series, on one grid, with the mask series as label
@@ -127,7 +128,7 @@ def test_tcia_ingest_one_case_per_study_with_three_channels(brain):
     arrs = [sitk.GetArrayFromImage(i).astype(np.float64) for i in imgs]
     assert all(np.corrcoef(arrs[0].ravel(), a.ravel())[0, 1] < 0.99 for a in arrs[1:])  # three sequences
     assert set(np.unique(sitk.GetArrayFromImage(lab))) == {0, 1}
-    single = sorted((src / "PGBM-001").glob("11-19-1991*/35637-FLAIRreg-*"))[0]
+    single = min((src / "PGBM-001").glob("11-19-1991*/35637-FLAIRreg-*"))
     ref = sitk.GetArrayFromImage(_dicom_volume(single))
     assert np.array_equal(ref, sitk.GetArrayFromImage(imgs[1]))  # the FLAIR voxels, unchanged
     assert _cli(["validate", str(out)])[0] == 0
@@ -147,7 +148,7 @@ def test_tcia_chain_finetune_evaluate_predict_export(brain, tmp_path):
     assert "input channels: 3 (T1post, FLAIR, T2)" in err
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["channel_names"] == ["T1post", "FLAIR", "T2"] and ck["config"]["model"]["in_channels"] == 3
-    code, stdout, err = _cli(["evaluate", str(run), "--data", str(data), "--split", "all", "--out", str(tmp_path / "ev")])
+    code, _, err = _cli(["evaluate", str(run), "--data", str(data), "--split", "all", "--out", str(tmp_path / "ev")])
     assert code == 0, err
     assert len(pd.read_csv(tmp_path / "ev" / "metrics_per_case.csv")) == 2
 
@@ -157,7 +158,7 @@ def test_tcia_chain_finetune_evaluate_predict_export(brain, tmp_path):
     for k, name in enumerate(("t1post", "flair", "t2")):
         shutil.copy(data / f"images/case_0001_000{k}.nii.gz", scans / f"{name}.nii.gz")
     ref = sitk.ReadImage(str(scans / "t1post.nii.gz"))
-    code, stdout, err = _cli(["predict", str(run), str(scans / "t2.nii.gz"), str(scans / "t1post.nii.gz"),
+    code, _, err = _cli(["predict", str(run), str(scans / "t2.nii.gz"), str(scans / "t1post.nii.gz"),
                               str(scans / "flair.nii.gz"), "--out", str(tmp_path / "p")])
     assert code == 0, err
     side = json.loads((tmp_path / "p" / "scans.json").read_text())
@@ -168,7 +169,7 @@ def test_tcia_chain_finetune_evaluate_predict_export(brain, tmp_path):
                          "--out", str(tmp_path / "p2")])
     assert code == 2 and "trained on 3 channels (T1post, FLAIR, T2); 2 file(s)" in err
     # a DICOM study folder: its series matched on SeriesDescription as at ingest
-    study = sorted((src / "PGBM-001").iterdir())[0]
+    study = min((src / "PGBM-001").iterdir())
     code, _, err = _cli(["predict", str(run), str(study), "--out", str(tmp_path / "pd")])
     assert code == 0, err
     (side_path,) = sorted((tmp_path / "pd").glob("*.json"))
@@ -208,7 +209,7 @@ def test_nifti_channels_by_suffix_and_folder_with_resampling_and_refusal(brain, 
     for k, name in enumerate(("T1post", "FLAIR_reg")):  # layout 3: a folder per case, T2 missing
         sitk.WriteImage(imgs[k], str(src / "PGBM-B" / f"{name}.nii.gz"))
     out = tmp_path / "ds"
-    code, stdout, err = _cli(["ingest", str(src), "--out", str(out), "--channels", CH])
+    code, _, err = _cli(["ingest", str(src), "--out", str(out), "--channels", CH])
     assert code == 5, err
     cases = pd.read_csv(out / "cases.csv", dtype=str)
     assert list(cases["case_id"]) == ["PGBM-A"]

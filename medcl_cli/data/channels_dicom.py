@@ -117,13 +117,13 @@ def merge_dicom_channels(
             f.rename(workdir / "images" / f.name)
     shutil.rmtree(stage, ignore_errors=True)
     for r in rows:
-        if r.case_id in renamed:
-            r.case_id = renamed[r.case_id]
-        elif r.status == "label" and r.case_id:
+        if r.status == "label" and r.case_id:  # a mask series: label of the merged case(s) now
             r.case_id = ",".join(dict.fromkeys(renamed[x] for x in r.case_id.split(",") if x in renamed))
             r.reason = f"label of {r.case_id}" if r.case_id else "label of no case (its study was refused)"
             if not r.case_id:
                 r.status = "ignored:incomplete-study"
+        elif r.case_id in renamed:
+            r.case_id = renamed[r.case_id]
     return out, extra
 
 
