@@ -224,3 +224,10 @@ def test_nifti_channels_by_suffix_and_folder_with_resampling_and_refusal(brain, 
     a, b = sitk.GetArrayFromImage(ch2), sitk.GetArrayFromImage(imgs[2]).astype(np.float32)
     assert np.allclose(a[:, :, 20:240], b[:, :, 20:240], atol=1e-3) and not a[:, :, :20].any()  # outside: 0
     assert _cli(["validate", str(out)])[0] == 0
+
+
+def test_ingest_where_no_study_has_every_channel_names_the_series_found(shared_data, tmp_path):
+    src = shared_data("tcia_brain_tumor_progression_dicom") / "PGBM-003"
+    code, _, err = _cli(["ingest", str(src), "--out", str(tmp_path / "x"), "--channels", CH, "--label-series", "Mask"])
+    assert code == 3 and "--channels T1post,FLAIR,T2: no study or case has every channel" in err
+    assert "found: FLAIR_reg, T1post" in err and not (tmp_path / "x").exists()

@@ -260,6 +260,12 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     if n_cases == 0:
         reasons = Counter(r.status for r in rows)
         why = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) or "no files"
+        refused = [r.reason for r in rows if r.status == "failed:missing-channel"]
+        if req.channels and refused:
+            raise InputNotFoundError(
+                f"--channels {','.join(req.channels)}: no study or case has every channel ({why}); e.g. {refused[0]}",
+                "name the channels after the SeriesDescriptions (or file names) listed in the reason",
+            )
         raise InputNotFoundError(f"no usable image found in {', '.join(str(p) for p in req.inputs)} ({why})",
                                  "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files")
     names.update(req.label_names)
