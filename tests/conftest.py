@@ -59,3 +59,42 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from medcl_cli.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "dataset", seed=0)
+
+
+def make_two_channel_copy(src: Path, dst: Path) -> Path:
+    """A copy of a single-channel dataset folder as a 2-channel one (nnU-Net layout, data/channels.py):
+    channel 0 = the original image, channel 1 = an inverted, rescaled copy with a smooth bias (another
+    "sequence" of the same anatomy). The slice cache is not copied."""
+    import json
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import SimpleITK as sitk
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".medcl_cache"))
+    cases = pd.read_csv(dst / "cases.csv", dtype={"case_id": str, "patient": str, "label": str})
+    firsts, seconds = [], []
+    for cid, rel in zip(cases["case_id"], cases["image"]):
+        img = sitk.ReadImage(str(dst / rel))
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        z, y, x = np.meshgrid(*(np.linspace(0, 1, n) for n in arr.shape), indexing="ij")
+        second = sitk.GetImageFromArray((arr.max() - arr) * 0.5 + 20 * (y + x))
+        second.CopyInformation(img)
+        (dst / rel).rename(dst / f"images/{cid}_0000.nii.gz")
+        sitk.WriteImage(second, str(dst / f"images/{cid}_0001.nii.gz"))
+        firsts.append(f"images/{cid}_0000.nii.gz")
+        seconds.append(f"images/{cid}_0001.nii.gz")
+    cases["image"] = firsts
+    cases.insert(2, "image_0001", seconds)
+    cases.to_csv(dst / "cases.csv", index=False)
+    info = json.loads((dst / "dataset.json").read_text())
+    info["channel_names"] = {"0": "T1", "1": "T2"}
+    (dst / "dataset.json").write_text(json.dumps(info, indent=2))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_2ch(tiny_dataset, tmp_path_factory) -> Path:
+    """`tiny_dataset` with a second channel per case (make_two_channel_copy); read-only like it."""
+    return make_two_channel_copy(tiny_dataset, tmp_path_factory.mktemp("tiny2ch") / "dataset")

@@ -23,7 +23,8 @@ from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.optim import build_optimizer
 from medcl_cli.core.protocol import DataSpec, call_backward, eval_net, on_step_end
-from medcl_cli.engine.setup import checkpoint_state, restore_state
+from medcl_cli.core.report import NullReporter
+from medcl_cli.engine.setup import checkpoint_state, restore_state, with_input_channels
 from medcl_cli.methods import REGISTRY, get_info, load_method_class
 from medcl_cli.models.unet import build_unet
 
@@ -52,6 +53,7 @@ def _setup(key: str, tiny_dataset: Path):
     stage = get_info(key).stages[0]
     slices = open_slices(tiny_dataset, cfg.data)
     mark_labeled(slices, labeled_patients(slices, "2", 0))
+    cfg = with_input_channels(cfg, slices, NullReporter())
     spec = DataSpec(slices.num_classes, slices.meta_cardinality, stage, 1)
     cls = load_method_class(key)
     torch.manual_seed(0)
@@ -59,12 +61,16 @@ def _setup(key: str, tiny_dataset: Path):
     return cfg, stage, slices, spec, cls, method
 
 
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("key", KEYS)
-def test_method_trains_and_round_trips(key, tiny_dataset, tmp_path):
-    cfg, stage, slices, spec, cls, method = _setup(key, tiny_dataset)
+def test_method_trains_and_round_trips(key, channels, tiny_dataset, tiny_dataset_2ch, tmp_path):
+    """...with a one-channel and a two-channel dataset (multi-sequence MR: every method reads C > 1 inputs)."""
+    cfg, stage, slices, spec, cls, method = _setup(key, tiny_dataset if channels == 1 else tiny_dataset_2ch)
+    assert slices.channels == channels and cfg.model.in_channels == channels
     assert isinstance(method, torch.nn.Module) and method.n_views in (1, 2) and isinstance(method.needs, (set, frozenset))
     sampler = make_sampler(slices, set(method.needs), 4, 0.5, 0, 0, 1, 0, 1)
     base = BatchSource(slices)[sampler.local_batch(0)]
+    assert base["image"].shape[1] == channels
     opt = build_optimizer(method, cfg.optim)
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     losses = []
@@ -96,6 +102,7 @@ def test_method_trains_and_round_trips(key, tiny_dataset, tmp_path):
     assert torch.equal(a.logits, b.logits)
     sa, sb = method.state_dict(), fresh.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert state["channel_names"] == slices.channel_names
     net, ck = ckpt_io.load_network(tmp_path / "last.pt")
     with torch.no_grad():
         assert torch.allclose(net(x).logits, a.logits, atol=1e-6)

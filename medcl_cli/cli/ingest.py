@@ -36,6 +36,10 @@ def ingest(
         "--label-series", help="Regex on SeriesDescription: such DICOM series are masks and label every image "
                                "series of their study on the same grid (e.g. Mask).")] = None,
     label_names: Annotated[Optional[str], typer.Option("--label-names", help="Class names, e.g. 1=RV,2=Myo,3=LV.")] = None,
+    channels: Annotated[Optional[str], typer.Option(
+        "--channels", help="Multi-sequence cases, e.g. T1post,FLAIR,T2: one case per DICOM study (series matched on "
+                           "SeriesDescription, case-insensitive) or per NIfTI case (<case>_0000.., <case>_<name>, "
+                           "or <case>/<name>), one channel per name, on the first channel's grid.")] = None,
     meta: Annotated[Optional[str], typer.Option("--meta", help="DICOM keywords for meta.csv, e.g. "
                                                                "PatientAge,SliceLocation.")] = None,
     meta_csv: Annotated[Optional[Path], typer.Option("--meta-csv", help="CSV with case_id + per-case columns "
@@ -62,8 +66,10 @@ def ingest(
     2 bad option (unknown or PHI --meta keyword), 6 --out not empty.
 
     Example: medcl ingest ./dicoms --out data/ --meta PatientAge,SliceLocation --label-series Mask
+    Multi-sequence: medcl ingest ./brain --out brain/ --channels T1post,FLAIR,T2 --label-series Mask
     """
     from medcl_cli.config import load_config, with_overrides
+    from medcl_cli.data.channels import parse_channels
     from medcl_cli.data.ingest import IngestRequest, ingest as run_ingest
     from medcl_cli.errors import PartialSuccess
 
@@ -74,7 +80,8 @@ def ingest(
     req = IngestRequest(
         inputs=list(inputs), out=out, labels_dir=labels, label_series=label_series,
         label_names=_label_names(label_names), meta=[m for m in (meta or "").split(",") if m.strip()],
-        meta_csv=meta_csv, split_file=split_file, allow_phi=allow_phi, overwrite=overwrite, cfg=cfg.ingest,
+        meta_csv=meta_csv, split_file=split_file, allow_phi=allow_phi, overwrite=overwrite,
+        channels=parse_channels(channels), cfg=cfg.ingest,
     )
     res = run_ingest(req, console.ConsoleReporter())
     skipped = {k: v for k, v in res.reasons.items() if not k.startswith(("ok", "label"))}

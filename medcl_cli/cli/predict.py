@@ -15,7 +15,9 @@ from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder of medcl finetune (or a checkpoint .pt file).")],
     inputs: Annotated[
-        list[Path], typer.Argument(help="NIfTI/NRRD/MHA files, folders of them, or DICOM folders.")
+        list[Path], typer.Argument(help="NIfTI/NRRD/MHA files, folders of them, or DICOM folders. For a run on "
+                                        "several channels: one file per channel (t1.nii.gz flair.nii.gz ...), "
+                                        "folders of <case>_0000.. files, or DICOM study folders.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <name>.nii.gz and <name>.json.")],
     fmt: Annotated[
@@ -39,6 +41,7 @@ def predict(
     (the others are still written), 3 when nothing readable was found.
 
     Example: medcl predict runs/ft scans/ --out preds/
+    Multi-channel run: medcl predict runs/brain t1post.nii.gz flair.nii.gz t2.nii.gz --out preds/
     """
     from medcl_cli.cli.console import ConsoleReporter
     from medcl_cli.config import InferenceConfig
@@ -52,8 +55,18 @@ def predict(
     reporter = ConsoleReporter()
     dev = resolve_device(device or "auto")
     model = load_model(run, dev)  # first: a wrong run folder fails before any DICOM is converted
+    if model.num_channels > 1 and fmt == "dicom-seg":
+        from medcl_cli.errors import UsageError
+
+        raise UsageError(f"--format dicom-seg is not available for a run on {model.num_channels} channels "
+                         f"({', '.join(model.channel_names)})", "use the default --format nifti")
     with private_tempdir("medcl-predict-") as work:
-        found, failed = collect_inputs(list(inputs), work, reporter, exclude=out)
+        if model.num_channels > 1:
+            from medcl_cli.predict.channel_inputs import collect_channel_inputs
+
+            found, failed = collect_channel_inputs(list(inputs), model.channel_names, work, reporter, exclude=out)
+        else:
+            found, failed = collect_inputs(list(inputs), work, reporter, exclude=out)
         ensure_found(found, failed, list(inputs))
         console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
         res = predict_all(

@@ -105,19 +105,23 @@ def _blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 
 def intensity(x: torch.Tensor, cfg: Any, params: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Contrast, brightness, gamma (on the per-image range), blur and noise; `params` B x 5 in [0, 1)."""
-    dims = tuple(range(1, x.ndim))
-    shape = (-1,) + (1,) * (x.ndim - 1)
+    """Contrast, brightness, gamma (on each channel's range), blur and noise, per channel: `params` is B x 5
+    (every channel draws the same) or B x C x 5 (one draw per channel), in [0, 1). Statistics are taken per
+    image and channel, so the sequences of a multi-channel slice keep their own scales."""
+    b, c = x.shape[0], x.shape[1]
+    dims = tuple(range(2, x.ndim))
+    p = params.view(b, 1, 5).expand(b, c, 5) if params.ndim == 2 else params
+    shape = (b, c) + (1,) * (x.ndim - 2)
     mean = x.mean(dim=dims, keepdim=True)
-    contrast = (1.0 + (params[:, 0] * 2 - 1) * float(cfg.contrast)).view(shape)
-    x = (x - mean) * contrast + mean + ((params[:, 1] * 2 - 1) * float(cfg.brightness)).view(shape)
+    contrast = (1.0 + (p[..., 0] * 2 - 1) * float(cfg.contrast)).reshape(shape)
+    x = (x - mean) * contrast + mean + ((p[..., 1] * 2 - 1) * float(cfg.brightness)).reshape(shape)
     if float(cfg.gamma) > 0:
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
         rng = (hi - lo).clamp_min(1e-6)
-        g = torch.exp((params[:, 2] * 2 - 1) * float(cfg.gamma)).view(shape)
+        g = torch.exp((p[..., 2] * 2 - 1) * float(cfg.gamma)).reshape(shape)
         x = ((x - lo) / rng).clamp(0, 1).pow(g) * rng + lo
     if float(cfg.blur_p) > 0:
-        mask = (params[:, 3] < float(cfg.blur_p)).view(shape).to(x.dtype)
+        mask = (p[..., 3] < float(cfg.blur_p)).reshape(shape).to(x.dtype)
         x = mask * _blur(x) + (1 - mask) * x
     return x + noise * float(cfg.noise)
 
@@ -140,6 +144,9 @@ def make_views(
         theta_all = random_theta(total, cfg, generator)
         params_all = torch.rand(total, 5, generator=generator)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if base.shape[1] > 1:  # channels 1.. draw their own intensity parameters (one channel: the same stream)
+            more = torch.rand(total, base.shape[1] - 1, 5, generator=generator)
+            params_all = torch.cat([params_all.unsqueeze(1), more], dim=1)
         dgen = torch.Generator(device=dev).manual_seed(seed)
         noise_all = torch.randn((total, *base.shape[1:]), generator=dgen, device=dev, dtype=base.dtype)
         theta = theta_all[rows].to(dev)

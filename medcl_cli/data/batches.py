@@ -196,12 +196,14 @@ class BatchSource(torch.utils.data.Dataset):
         inv[order] = np.arange(len(order))
         sidx = idx[order]
         image = torch.from_numpy(np.ascontiguousarray(s.images[sidx][inv]))
+        if image.ndim == 3:  # one-channel cache: N x S x S
+            image = image.unsqueeze(1)
         label = torch.from_numpy(np.ascontiguousarray(s.labels[sidx][inv]).astype(np.int64))
         labeled = torch.from_numpy(s.labeled[idx].copy())
         label[~labeled] = -1
         case = s.case[idx]
         return {
-            "image": image.unsqueeze(1),
+            "image": image,
             "label": label,
             "labeled": labeled,
             "case": torch.from_numpy(case.copy()),

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from medcl_cli.core.files import private_tempdir
 from medcl_cli.core.report import NullReporter, Reporter
@@ -32,7 +33,8 @@ from medcl_cli.data.folder import (
     open_dataset,
 )
 from medcl_cli.data.io import read_image
-from medcl_cli.data.preprocess import image_slices, label_slices
+from medcl_cli.data.channels import channel_arrays, read_channels
+from medcl_cli.data.preprocess import channel_slices, image_slices, label_slices
 from medcl_cli.errors import InvalidDataError
 
 CACHE_VERSION = 1
@@ -45,7 +47,7 @@ class SliceSet:
 
     folder: DatasetFolder
     cache_dir: Path
-    images: np.ndarray  # N x S x S float32
+    images: np.ndarray  # N x S x S float32 (one channel), N x C x S x S (C > 1 channels)
     labels: np.ndarray  # N x S x S int16, -1 for slices of cases without a label file
     case: np.ndarray  # N int64 index into case_ids
     slice: np.ndarray  # N int64 z index
@@ -64,6 +66,20 @@ class SliceSet:
     @property
     def num_classes(self) -> int:
         return self.folder.num_classes
+
+    @property
+    def channels(self) -> int:
+        """Input channels per slice (model.in_channels)."""
+        return 1 if self.images.ndim == 3 else int(self.images.shape[1])
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self.folder.channel_names
+
+    def image_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Slices `rows` as a B x C x S x S float32 tensor (a copy, in the order of `rows`)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+        return x.unsqueeze(1) if x.ndim == 3 else x
 
     @property
     def meta_cardinality(self) -> dict[str, int]:
@@ -131,20 +147,28 @@ def _build(folder: DatasetFolder, data_cfg: Any, target: Path, reporter: Reporte
         size = r.GetSize()
         sizes.append(int(size[2]) if len(size) > 2 else 1)
     n, s = int(sum(sizes)), int(data_cfg.image_size)
+    nch = folder.num_channels
+    shape = (n, s, s) if nch == 1 else (n, nch, s, s)  # one channel keeps the original cache layout
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float32, shape=(n, s, s))
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float32, shape=shape)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int16, shape=(n, s, s))
         case_idx, slice_idx, shapes = np.zeros(n, np.int64), np.zeros(n, np.int64), []
         k = 0
         reporter.start("caching slices", len(cases))
         for ci, cid in enumerate(cases["case_id"]):
-            arr = sitk.GetArrayFromImage(read_image(folder.image_path(cid), finite=True))
-            if arr.ndim == 2:
-                arr = arr[None]
-            x, info = image_slices(arr, s, data_cfg.resize, data_cfg.normalize)
+            if nch == 1:
+                arr = sitk.GetArrayFromImage(read_image(folder.image_path(cid), finite=True))
+                if arr.ndim == 2:
+                    arr = arr[None]
+                x, info = image_slices(arr, s, data_cfg.resize, data_cfg.normalize)
+                images[k : k + x.shape[0]] = x[:, 0].numpy()
+            else:
+                chans = channel_arrays(read_channels(folder.channel_paths(cid), finite=True))
+                arr = chans[0]
+                x, info = channel_slices(chans, s, data_cfg.resize, data_cfg.normalize)
+                images[k : k + x.shape[0]] = x.numpy()
             z = x.shape[0]
-            images[k : k + z] = x[:, 0].numpy()
             lp = folder.label_path(cid)
             if lp is not None:
                 lab = sitk.GetArrayFromImage(read_image(lp))

@@ -59,9 +59,28 @@ class DatasetFolder:
     def num_classes(self) -> int:
         return max(self.labels) + 1 if self.labels else 1
 
+    @property
+    def channel_names(self) -> list[str]:
+        """The input channels, in order (data/channels.py): `channel_names` of dataset.json, else [modality]."""
+        from medcl_cli.data.channels import channel_names_of
+
+        return channel_names_of(self.info)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
     def image_path(self, case_id: str) -> Path:
+        """The image (channel 0 of a multi-channel case)."""
         row = self.cases.loc[self.cases["case_id"] == case_id].iloc[0]
         return self.root / str(row["image"])
+
+    def channel_paths(self, case_id: str) -> list[Path]:
+        """Every channel file of a case, in channel order (one path for a single-channel dataset)."""
+        from medcl_cli.data.channels import channel_column
+
+        row = self.cases.loc[self.cases["case_id"] == case_id].iloc[0]
+        return [self.root / str(row[channel_column(k)]) for k in range(self.num_channels)]
 
     def label_path(self, case_id: str) -> Path | None:
         row = self.cases.loc[self.cases["case_id"] == case_id].iloc[0]
@@ -113,8 +132,26 @@ def open_dataset(path: str | Path) -> DatasetFolder:
             f"{root / 'cases.csv'} lacks the column(s) {', '.join(absent)}", "re-run medcl ingest or fix the header"
         )
     cases["label"] = cases["label"].fillna("")
+    _check_channels(root, info, cases)
     _check_manifest(root, info, cases)
     return DatasetFolder(root=root, info=info, cases=cases, meta=meta)
+
+
+def _check_channels(root: Path, info: Any, cases: pd.DataFrame) -> None:
+    """A multi-channel dataset (channel_names in dataset.json) has one image column per channel."""
+    from medcl_cli.data.channels import channel_column, channel_names_of
+
+    names = channel_names_of(info if isinstance(info, dict) else {})
+    absent = [channel_column(k) for k in range(len(names)) if channel_column(k) not in cases.columns]
+    if absent:
+        raise InvalidDataError(
+            f"{root / 'dataset.json'} names {len(names)} channels ({', '.join(names)}) but cases.csv lacks the "
+            f"column(s) {', '.join(absent)}",
+            "re-run medcl ingest --channels, or fix channel_names / the header of cases.csv",
+        )
+    for k in range(1, len(names)):
+        col = channel_column(k)
+        cases[col] = cases[col].fillna("").astype(str)
 
 
 def _check_manifest(root: Path, info: Any, cases: pd.DataFrame) -> None:
@@ -122,15 +159,18 @@ def _check_manifest(root: Path, info: Any, cases: pd.DataFrame) -> None:
     that is absolute or climbs out of the folder (reads outside the dataset), label keys that are not
     integers."""
     import os
+    import re
 
     bad: list[str] = []
-    for i, row in enumerate(cases[["case_id", "image", "label"]].itertuples(index=False), start=2):
-        cid, image, label = row
+    extra = [c for c in cases.columns if re.fullmatch(r"image_\d{4}", str(c))]
+    for i, row in enumerate(cases[["case_id", "image", "label", *extra]].itertuples(index=False), start=2):
+        cid, image, label, *more = row
         if not isinstance(cid, str) or not cid.strip():
             bad.append(f"line {i}: empty case_id")
-        if not isinstance(image, str) or not image.strip():
-            bad.append(f"line {i}: empty image path")
-        for rel in (image, label):
+        for img in (image, *more):
+            if not isinstance(img, str) or not img.strip():
+                bad.append(f"line {i}: empty image path")
+        for rel in (image, label, *more):
             if isinstance(rel, str) and rel and (os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == ".."):
                 bad.append(f"line {i}: path '{rel}' is outside the dataset folder")
     if bad:

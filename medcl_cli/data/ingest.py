@@ -24,6 +24,7 @@ from medcl_cli import __version__
 from medcl_cli.config import IngestConfig
 from medcl_cli.core.files import write_json_atomic, write_rows_atomic
 from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.channels import channel_column, image_columns
 from medcl_cli.data.dicom.cases import DicomCase, Frame, ReportRow, ingest_dicom
 from medcl_cli.data.dicom.scan import walk_inputs
 from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION
@@ -59,6 +60,7 @@ class IngestRequest:
     split_file: Path | None = None
     allow_phi: bool = False
     overwrite: bool = False
+    channels: list[str] = field(default_factory=list)  # --channels: one case per study, one channel per name
     cfg: IngestConfig = field(default_factory=IngestConfig)
 
 
@@ -179,8 +181,17 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     taken: set[str] = set()
     from medcl_cli.data.dicom.scan import worker_count
 
-    nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
-                                     worker_count(req.cfg.workers))
+    n_channels = max(len(req.channels), 1)
+    channel_files: dict[str, list[Path]] = {}
+    channel_notes: dict[str, list[str]] = {}
+    if req.channels:
+        from medcl_cli.data.channels_nifti import ingest_nifti_channels
+
+        nifti_cases, rows, channel_files, channel_notes = ingest_nifti_channels(
+            walked.volumes, req.channels, req.labels_dir, work, taken, display, rep)
+    else:
+        nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
+                                         worker_count(req.cfg.workers))
     counter = [0]
 
     def new_case_id() -> str:
@@ -197,6 +208,17 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     if walked.dicom:
         dicom_cases, drows, frames = ingest_dicom(walked.dicom, req.cfg, tuple(keywords), req.label_series, work,
                                                   new_case_id, display, redact, rep)
+        if req.channels:
+            from medcl_cli.data.channels_dicom import merge_dicom_channels
+
+            for c in dicom_cases:  # their ids are given back: the merged cases are numbered afresh
+                taken.discard(c.case_id)
+            counter[0] = 0
+            merged, study_rows = merge_dicom_channels(dicom_cases, drows, req.channels, work, new_case_id, redact)
+            dicom_cases = [m.case for m in merged]
+            channel_files.update({m.case.case_id: m.files for m in merged})
+            channel_notes.update({m.case.case_id: m.notes for m in merged})
+            drows += study_rows
     rows = [ReportRow(display(i.source.label()), "file", i.status, i.reason) for i in walked.issues] + rows + drows
     salt = hashlib.sha256("\n".join(sorted({f.study for f in frames})).encode()).hexdigest()
     case_rows: list[dict[str, Any]] = []
@@ -211,12 +233,12 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             names.update({k: v for k, v in c.label_names.items() if k not in names})
         patient = "p_" + salted_hash(c.plan.patient, salt)
         case_rows.append({
-            "case_id": c.case_id, "image": f"images/{c.case_id}.nii.gz",
+            "case_id": c.case_id, **image_columns(c.case_id, n_channels),
             "label": f"labels/{c.case_id}.nii.gz" if c.label else "", "patient": patient,
             "spacing_x": c.conv.spacing[0], "spacing_y": c.conv.spacing[1], "spacing_z": c.conv.spacing[2],
             "size_x": c.conv.size[0], "size_y": c.conv.size[1], "size_z": c.conv.size[2],
             "source": "dicom", "modality": c.plan.modality, "time_index": c.plan.time_index,
-            "flags": "; ".join(c.conv.flags), "nonfinite_voxels": c.conv.nonfinite,
+            "flags": "; ".join([*c.conv.flags, *channel_notes.get(c.case_id, [])]), "nonfinite_voxels": c.conv.nonfinite,
         })
         mrows, prows = dicom_meta_rows(c, public, phi)
         meta_rows.extend(mrows)
@@ -230,7 +252,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         extra = meta_table[1].get(n.name, {}) if meta_table is not None else {}
         patient = str(extra.get("patient") or n.name)
         case_rows.append({
-            "case_id": n.case_id, "image": f"images/{n.case_id}.nii.gz",
+            "case_id": n.case_id, **image_columns(n.case_id, n_channels),
             "label": f"labels/{n.case_id}.nii.gz" if n.label else "", "patient": patient,
             "spacing_x": n.spacing[0], "spacing_y": n.spacing[1], "spacing_z": n.spacing[2],
             "size_x": n.size[0], "size_y": n.size[1], "size_z": n.size[2], "source": "nifti", "modality": "",
@@ -241,6 +263,12 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     if n_cases == 0:
         reasons = Counter(r.status for r in rows)
         why = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) or "no files"
+        refused = [r.reason for r in rows if r.status == "failed:missing-channel"]
+        if req.channels and refused:
+            raise InputNotFoundError(
+                f"--channels {','.join(req.channels)}: no study or case has every channel ({why}); e.g. {refused[0]}",
+                "name the channels after the SeriesDescriptions (or file names) listed in the reason",
+            )
         raise InputNotFoundError(f"no usable image found in {', '.join(str(p) for p in req.inputs)} ({why})",
                                  "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files")
     names.update(req.label_names)
@@ -248,7 +276,8 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     case_rows.sort(key=lambda r: r["case_id"])
     meta_rows.sort(key=lambda r: (r["case_id"], r["slice"]))
     extra_case_cols = ["time_index", "flags", "nonfinite_voxels"] if dicom_cases else []
-    case_cols = CASES_COLUMNS + extra_case_cols + [c for c in join_cols if c not in CASES_COLUMNS]
+    channel_cols = [channel_column(k) for k in range(1, n_channels)]
+    case_cols = CASES_COLUMNS[:2] + channel_cols + CASES_COLUMNS[2:] + extra_case_cols + [c for c in join_cols if c not in CASES_COLUMNS]
     meta_cols = ["case_id", "slice", "slice_position", "patient"]
     for key in public:
         meta_cols.append(key)
@@ -265,6 +294,8 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts,
         "meta_columns": meta_cols[3:], "missing_meta": missing_meta,
     }
+    if req.channels:
+        info["channel_names"] = {str(k): name for k, name in enumerate(req.channels)}
     write_rows_atomic(case_rows, case_cols, work / "cases.csv")
     write_rows_atomic(meta_rows, meta_cols, work / "meta.csv")
     write_rows_atomic([r.__dict__ for r in rows], report_cols, work / "ingest_report.csv")

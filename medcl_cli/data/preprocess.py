@@ -88,6 +88,18 @@ def image_slices(volume_zyx: np.ndarray, size: int, resize: str = "resize", norm
     return a.contiguous(), info
 
 
+def channel_slices(volume_czyx: np.ndarray, size: int, resize: str = "resize", normalize: str = "zscore"
+                   ) -> tuple[torch.Tensor, PrepInfo]:
+    """A (C, z, y, x) multi-channel volume as model input: Z x C x size x size, each channel normalised on
+    its own (MR sequences have unrelated intensity scales); a (z, y, x) volume is one channel."""
+    if volume_czyx.ndim == 3:
+        return image_slices(volume_czyx, size, resize, normalize)
+    if volume_czyx.ndim != 4:
+        raise InvalidDataError(f"expected a (channels, z, y, x) volume, found {volume_czyx.ndim} dimensions")
+    parts = [image_slices(np.ascontiguousarray(v), size, resize, normalize) for v in volume_czyx]
+    return torch.cat([p[0] for p in parts], dim=1).contiguous(), parts[0][1]
+
+
 def label_slices(label_zyx: np.ndarray, info: PrepInfo) -> torch.Tensor:
     """Labels on the model grid: Z x size x size int64 (nearest for resize, 0-padding for pad_crop)."""
     lab = torch.from_numpy(np.asarray(label_zyx).astype(np.int64))

@@ -1,6 +1,7 @@
 """`medcl validate`: re-check a dataset folder and list every problem at once.
 
-Checks: the manifest files parse; every image/label file exists and reads; labels lie on their image's grid
+Checks: the manifest files parse; every image/label file (every channel of a multi-channel case) exists and
+reads, channels share channel 0's grid; labels lie on their image's grid
 and hold only values named in dataset.json; split values are train/val/test; meta.csv has exactly size_z rows
 per case with slices 0..size_z-1; no NaN/inf voxels; sizes and spacings in cases.csv match the files.
 """
@@ -126,6 +127,8 @@ def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> Vali
                 add(Problem(cid, "meta", f"meta.csv has {n} row(s) for this case, the image has {size[2]} slices"))
             elif rows is not None and sorted(rows["slice"].astype(int)) != list(range(size[2])):
                 add(Problem(cid, "meta", "meta.csv slices are not 0..size_z-1"))
+        for k in range(1, ds.num_channels):
+            _check_channel(ds.root, row, k, img, add)
         label = str(row["label"])
         if label:
             lab = _read(ds.root / label)
@@ -141,6 +144,20 @@ def validate_dataset(path: str | Path, reporter: Reporter | None = None) -> Vali
                 add(Problem(cid, "label", f"label values {extra} are not in dataset.json labels {sorted(allowed)}"))
     rep.finish("validating cases")
     return res
+
+
+def _check_channel(root: Path, row: Any, k: int, first: sitk.Image, add: Any) -> None:
+    """Channel k of a multi-channel case reads, is 3D and lies on channel 0's grid (ingest resamples it there)."""
+    from medcl_cli.data.channels import channel_column
+
+    cid, rel = str(row["case_id"]), str(row[channel_column(k)])
+    img = _read(root / rel)
+    if isinstance(img, str):
+        add(Problem(cid, "image", f"{rel}: {img}"))
+    elif not same_grid(img, first, tol=1e-3):
+        add(Problem(cid, "image", f"{rel} (channel {k}) is not on channel 0's grid: {grid_difference(first, img)}"))
+    elif sitk.GetArrayViewFromImage(img).dtype.kind == "f" and _nonfinite(root / rel):
+        add(Problem(cid, "voxels", f"NaN/inf voxel(s) in {rel}"))
 
 
 def problems_error(res: ValidationResult) -> MedclError:

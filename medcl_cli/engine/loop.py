@@ -52,6 +52,7 @@ from medcl_cli.engine.runs import (
 )
 from medcl_cli.engine.setup import (
     build_method,
+    with_input_channels,
     checkpoint_state,
     restore_state,
     resume_rank_rng,
@@ -157,6 +158,7 @@ def _fit(
     if req.resume and (req.out / "run.json").is_file():  # the resumed run keeps its labelled set
         patients = read_run_info(req.out).get("labeled_patients", patients)
     mark_labeled(slices, patients)
+    cfg = with_input_channels(cfg, slices, rep)
     method, info = build_method(cfg, req.stage, slices, env, device, req.init_from, rep)
     opt = build_optimizer(method, cfg.optim)
     scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and dtype == torch.float16))

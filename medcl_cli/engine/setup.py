@@ -63,6 +63,34 @@ def versions() -> dict[str, str]:
     }
 
 
+def with_input_channels(cfg: Config, slices: SliceSet, rep: Reporter) -> Config:
+    """`cfg` with model.in_channels = the dataset's channel count (the network reads every sequence)."""
+    import dataclasses
+
+    n = slices.channels
+    if n != int(cfg.model.in_channels):
+        if int(cfg.model.in_channels) != 1:
+            rep.log(f"model.in_channels {cfg.model.in_channels} replaced by the dataset's {n} channel(s)", "warning")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=n))
+    if n > 1:
+        rep.log(f"input channels: {n} ({', '.join(slices.channel_names)})")
+    return cfg
+
+
+def check_init_channels(state: dict[str, Any], source: Path, names: list[str]) -> None:
+    """--init-from a run trained on another number of channels is refused: its first convolution cannot
+    read this dataset's input (copying the rest would silently drop what the encoder learnt first)."""
+    theirs = state.get("channel_names")
+    if theirs is None:
+        theirs = ["image"] * int(((state.get("config") or {}).get("model") or {}).get("in_channels", 1))
+    if len(theirs) != len(names):
+        raise InvalidDataError(
+            f"--init-from {source}: that run was trained on {len(theirs)} input channel(s) "
+            f"({', '.join(map(str, theirs))}), this dataset has {len(names)} ({', '.join(names)})",
+            "initialise from a run on a dataset ingested with the same --channels, or train without --init-from",
+        )
+
+
 def build_method(
     cfg: Config, stage: str, slices: SliceSet, env: D.DistEnv, device: torch.device, init_from: Path | None, rep: Reporter
 ) -> tuple[nn.Module, MethodInfo]:
@@ -72,7 +100,7 @@ def build_method(
     torch.manual_seed(cfg.train.seed)
     net = build_unet(cfg.model, slices.num_classes)
     if init_from is not None:
-        load_init(net, init_from, rep)
+        load_init(net, init_from, rep, slices.channel_names)
     spec = DataSpec(
         num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world
     )
@@ -85,10 +113,12 @@ def build_method(
     return method, info
 
 
-def load_init(net: nn.Module, source: Path, rep: Reporter) -> None:
+def load_init(net: nn.Module, source: Path, rep: Reporter, channel_names: list[str] | None = None) -> None:
     """--init-from: copy the weights whose name and shape match; report what was loaded and skipped."""
     path = ckpt_io.resolve(source)
     state = ckpt_io.load(path)
+    if channel_names is not None:
+        check_init_channels(state, source, channel_names)
     weights = state.get("eval_model") or state["model"]
     loaded, skipped = ckpt_io.load_matching(net, weights)
     if not loaded:
@@ -120,6 +150,7 @@ def checkpoint_state(
         "best_metric": {"name": "val_dice", "value": best},
         "config": to_dict(cfg),
         "label_map": {str(k): v for k, v in slices.folder.labels.items()},
+        "channel_names": list(slices.channel_names),
         "num_classes": slices.num_classes,
         "preprocessing": {
             "image_size": cfg.data.image_size,

@@ -71,7 +71,7 @@ def validate(
     per_case = []
     try:
         for case in cases:
-            x = torch.from_numpy(np.ascontiguousarray(slices.images[case.rows])).unsqueeze(1)
+            x = slices.image_rows(case.rows)
             outs = []
             for i in range(0, len(x), batch):
                 xb = x[i : i + batch].to(device, non_blocking=True)

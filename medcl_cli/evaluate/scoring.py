@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from medcl_cli.core.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.channels import channel_arrays, read_channels
 from medcl_cli.data.folder import SPLITS, DatasetFolder
 from medcl_cli.data.io import grid_difference, read_image, same_grid
 from medcl_cli.errors import (
@@ -55,6 +56,20 @@ def check_label_maps(model: LoadedModel, ds: DatasetFolder) -> None:
             f"label map of the run ({fmt(model.label_map)}) differs from the dataset's ({fmt(ds.labels)}) in {ds.root}",
             "evaluate on a dataset ingested with the same --label-names (or fine-tune a run on this dataset)",
         )
+
+
+def check_channels(model: LoadedModel, ds: DatasetFolder, rep: Reporter) -> None:
+    """The run must read as many channels as the dataset has; other names in the same count are a warning
+    (a renamed sequence is common, a swapped order is not detectable from names alone)."""
+    theirs, ours = model.channel_names, ds.channel_names
+    if len(theirs) != len(ours):
+        raise InvalidDataError(
+            f"the run was trained on {len(theirs)} input channel(s) ({', '.join(theirs)}), the dataset {ds.root} "
+            f"has {len(ours)} ({', '.join(ours)})",
+            "evaluate on a dataset ingested with the run's --channels (same names, same order)",
+        )
+    if len(ours) > 1 and [t.lower() for t in theirs] != [o.lower() for o in ours]:
+        rep.log(f"channel names differ: run {', '.join(theirs)}, dataset {', '.join(ours)} (matched by order)", "warning")
 
 
 def select_cases(ds: DatasetFolder, split: str) -> pd.DataFrame:
@@ -101,7 +116,7 @@ def evaluate_case(
     if image.GetDimension() == 2:  # one slice: the z spacing does not enter any 2D distance
         spacing = (1.0, *spacing)
     rows = metrics.case_metrics(case_id, pred, ref, spacing, model.label_map, nsd_tolerance_mm)
-    return rows, volume_array(image), ref, pred
+    return rows, channel_arrays(image)[0], ref, pred  # overlays show channel 0
 
 
 def evaluate_dataset(
@@ -120,6 +135,7 @@ def evaluate_dataset(
     the self-contained `report.html`."""
     rep = reporter or NullReporter()
     check_label_maps(model, ds)
+    check_channels(model, ds, rep)
     rows_split = select_cases(ds, split)
     labelled = rows_split[rows_split["label"].astype(str).str.len() > 0]
     skipped = sorted(set(rows_split["case_id"]) - set(labelled["case_id"]))
@@ -142,7 +158,7 @@ def evaluate_dataset(
         label_path = ds.label_path(case_id)
         if label_path is None:  # filtered above; kept for the type checker
             continue
-        image, label = read_image(ds.image_path(case_id)), read_image(label_path)
+        image, label = read_channels(ds.channel_paths(case_id)), read_image(label_path)
         case_rows, img, ref, pred = evaluate_case(model, image, label, case_id, batch_size, nsd_tolerance_mm)
         rows.extend(case_rows)
         if overlays:

@@ -1,6 +1,7 @@
 """`medcl export --format monai`: a Medical Segmentation Decathlon style datalist for MONAI.
 
-`OUT/datalist.json` holds training / validation / test lists (paths relative to the JSON, which is what
+`OUT/datalist.json` holds training / validation / test lists (a multi-channel case's `image` is the list of its
+channel files, in channel order, and `modality` names the channels) (paths relative to the JSON, which is what
 `monai.data.load_decathlon_datalist` resolves them against) beside `OUT/images/` and `OUT/labels/`.
 Labelled train and val cases go to `training` and `validation`, the test split to `test`, and train/val
 cases without a mask to an extra `unlabeled` list for semi-supervised pipelines. Files are hard-linked or
@@ -45,14 +46,17 @@ def export_monai(
     result = ExportResult(format="monai", path=target, datalist=target / "datalist.json")
     tmp = prepare_target(target, overwrite)
     try:
-        lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": [], "unlabeled": []}
+        lists: dict[str, list[dict[str, str | list[str]]]] = {"training": [], "validation": [], "test": [], "unlabeled": []}
         keys = {"train": "training", "val": "validation", "test": "test", "unlabeled": "unlabeled"}
         rep.start("export", len(ds.cases))
         for group, key in keys.items():
             for row in groups[group].itertuples():
-                img_name = Path(str(row.image)).name
-                place_file(ds.root / str(row.image), tmp / "images" / img_name, result, copy)
-                item = {"image": f"images/{img_name}"}
+                names = []
+                for src in ds.channel_paths(str(row.case_id)):
+                    place_file(src, tmp / "images" / src.name, result, copy)
+                    names.append(f"images/{src.name}")
+                # several channels: `image` is the list of channel files, which LoadImaged stacks as channels
+                item: dict[str, str | list[str]] = {"image": names if len(names) > 1 else names[0]}
                 if isinstance(row.label, str) and row.label:
                     lab_name = Path(row.label).name
                     place_file(ds.root / row.label, tmp / "labels" / lab_name, result, copy)
@@ -66,7 +70,8 @@ def export_monai(
             "name": str(ds.info.get("name") or ds.root.name),
             "description": f"exported by medcl from {ds.root.name} (fingerprint {ds.fingerprint()})",
             "tensorImageSize": "3D",
-            "modality": {"0": modality},
+            "modality": ({str(k): n for k, n in enumerate(ds.channel_names)} if ds.num_channels > 1
+                         else {"0": modality}),
             "labels": {str(k): v for k, v in sorted(labels.items())},
             "numTraining": len(lists["training"]),
             "numTest": len(lists["test"]),

@@ -69,18 +69,21 @@ def export_nnunet(
         training = pd.concat([groups["train"], groups["val"]])
         rep.start("export", len(training) + len(groups["test"]))
         for row in training.itertuples():
-            place_file(ds.root / str(row.image), tmp / "imagesTr" / f"{row.case_id}_0000{ending}", result, copy)
+            for k, src in enumerate(ds.channel_paths(str(row.case_id))):
+                place_file(src, tmp / "imagesTr" / f"{row.case_id}_{k:04d}{ending}", result, copy)
             place_file(ds.root / str(row.label), tmp / "labelsTr" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")
         for row in groups["test"].itertuples():
-            place_file(ds.root / str(row.image), tmp / "imagesTs" / f"{row.case_id}_0000{ending}", result, copy)
+            for k, src in enumerate(ds.channel_paths(str(row.case_id))):
+                place_file(src, tmp / "imagesTs" / f"{row.case_id}_{k:04d}{ending}", result, copy)
             if isinstance(row.label, str) and row.label:
                 place_file(ds.root / row.label, tmp / "labelsTs" / f"{row.case_id}{ending}", result, copy)
             rep.advance("export")
         rep.finish("export")
         modality = str(ds.info.get("modality") or "").upper()
         dataset_json = {
-            "channel_names": {"0": _NNUNET_CHANNEL.get(modality, modality or "image")},
+            "channel_names": ({str(k): n for k, n in enumerate(ds.channel_names)} if ds.num_channels > 1
+                              else {"0": _NNUNET_CHANNEL.get(modality, modality or "image")}),
             "labels": {n: int(v) for v, n in sorted(labels.items())},
             "numTraining": int(len(training)),
             "file_ending": ending,

@@ -1,7 +1,8 @@
 """Export a medcl dataset folder to the layouts nnU-Net v2 and MONAI read, so moving on costs nothing.
 
 - `nnunet`: a raw dataset `DatasetXXX_Name/` as nnU-Net v2 documents it (dataset_format.md):
-  `dataset.json` (channel_names, labels name -> int, numTraining, file_ending), `imagesTr/<case>_0000<ext>`,
+  `dataset.json` (channel_names, labels name -> int, numTraining, file_ending), `imagesTr/<case>_0000<ext>`
+  (and `_0001`, ... for the further channels of a multi-channel dataset, named in channel_names),
   `labelsTr/<case><ext>` for the labelled train/val cases, `imagesTs/` (and `labelsTs/`, which nnU-Net
   ignores) for the test split, and `splits_final.json` (nnU-Net's list-of-folds format) holding the
   dataset's own train/val split as fold 0. nnU-Net reads that file from its *preprocessed* folder; the

@@ -76,6 +76,8 @@ def dicom_inputs(
                 display=name,
                 info={"series_flags": flags, "modality": plan.modality},
                 frames=[(f.source, f.index) for f in plan.frames],
+                study=plan.study,
+                description=plan.description,
             )
         )
     return inputs, failed

@@ -22,7 +22,9 @@ from torch import nn
 
 from medcl_cli.config import DataConfig, InferenceConfig
 from medcl_cli.core.runfolder import RunInfoError, read_run_info
-from medcl_cli.data.preprocess import image_slices, logits_to_volume
+from medcl_cli.data.preprocess import logits_to_volume
+from medcl_cli.data.channels import channel_arrays
+from medcl_cli.data.preprocess import channel_slices, logits_to_volume
 from medcl_cli.engine.device import autocast, resolve_precision
 from medcl_cli.errors import InvalidDataError
 
@@ -45,10 +47,15 @@ class LoadedModel:
     checkpoint: Path
     device: torch.device
     extra: dict[str, Any] = field(default_factory=dict)
+    channel_names: list[str] = field(default_factory=lambda: ["image"])  # input channels, in order
 
     @property
     def num_classes(self) -> int:
         return max(self.label_map) + 1 if self.label_map else 1
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
 
 
 def normalize_label_map(raw: Any) -> dict[int, str]:
@@ -103,7 +110,18 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedMod
         checkpoint=ckpt_path,
         device=torch.device(device),
         extra={"step": ckpt.get("step")},
+        channel_names=_channel_names(ckpt, net),
     )
+
+
+def _channel_names(ckpt: dict[str, Any], net: nn.Module) -> list[str]:
+    """The checkpoint's input channel names; a checkpoint from before channels were recorded has as many
+    unnamed channels as its first convolution reads."""
+    names = ckpt.get("channel_names")
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    first = next((p for p in net.parameters() if p.ndim >= 3), None)  # the first convolution's weight
+    return ["image"] * (int(first.shape[1]) if first is not None else 1)
 
 
 def _out_channels(net: nn.Module) -> int | None:
@@ -134,11 +152,12 @@ def predict_array(
     batch_size: int = DEFAULT_BATCH,
     num_classes: int | None = None,
 ) -> np.ndarray:
-    """Class ids (uint8, or uint16 beyond 255 classes) of a (z, y, x) volume, on that same array grid."""
+    """Class ids (uint8, or uint16 beyond 255 classes) of a (z, y, x) volume, or of a (C, z, y, x)
+    multi-channel one, on that same (z, y, x) array grid."""
     prep = {**DEFAULT_PREPROCESSING, **preprocessing}
-    slices, info = image_slices(volume_zyx, int(prep["image_size"]), str(prep["resize"]), str(prep["normalize"]))
+    slices, info = channel_slices(volume_zyx, int(prep["image_size"]), str(prep["resize"]), str(prep["normalize"]))
     dtype = np.uint8 if (num_classes or 256) <= 256 else np.uint16
-    out = np.zeros(volume_zyx.shape, dtype=dtype)
+    out = np.zeros(volume_zyx.shape[-3:], dtype=dtype)
     for start, probs in forward_slices(net, slices, device, max(1, int(batch_size))):
         full = logits_to_volume(probs, info)  # Z_b x K x Y x X on the original slice grid
         out[start : start + full.shape[0]] = full.argmax(dim=1).numpy().astype(dtype)
@@ -163,8 +182,20 @@ def volume_array(image: sitk.Image) -> np.ndarray:
 
 
 def predict_image(model: LoadedModel, image: sitk.Image, batch_size: int = DEFAULT_BATCH) -> sitk.Image:
-    """The label image of `image`, on its exact grid (size, spacing, origin, direction copied)."""
-    arr = volume_array(image)
+    """The label image of `image`, on its exact grid (size, spacing, origin, direction copied). A run trained
+    on C channels reads an image of C components (data/channels.py `stack_channels`)."""
+    comps = image.GetNumberOfComponentsPerPixel()
+    if model.num_channels > 1 or comps > 1:
+        if comps != model.num_channels:
+            raise InvalidDataError(
+                f"the run was trained on {model.num_channels} channel(s) ({', '.join(model.channel_names)}), "
+                f"the input has {comps}",
+                f"give one file per channel, in the order {', '.join(model.channel_names)}"
+                if model.num_channels > 1 else "give a single-sequence (scalar) volume",
+            )
+        if image.GetDimension() not in (2, 3):
+            volume_array(image)  # the same clear error as for a scalar image
+    arr = channel_arrays(image) if model.num_channels > 1 else volume_array(image)
     labels = predict_array(model.net, arr, model.preprocessing, model.device, batch_size, model.num_classes)
     out = sitk.GetImageFromArray(labels[0] if image.GetDimension() == 2 else labels)
     out.CopyInformation(image)

@@ -53,7 +53,7 @@ def collect_inputs(
         dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
         found.extend(dic)
         failed.extend(dic_failed)
-    _check_unique(found)
+    check_unique(found)
     return found, failed
 
 
@@ -65,7 +65,7 @@ def _has_other_files(folder: Path) -> bool:
     return False
 
 
-def _check_unique(inputs: list[PredictInput]) -> None:
+def check_unique(inputs: list[PredictInput]) -> None:
     by_name: dict[str, list[str]] = {}
     for item in inputs:
         by_name.setdefault(item.name, []).append(item.display)

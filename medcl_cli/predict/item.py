@@ -21,3 +21,5 @@ class PredictInput:
     display: str  # what logs show (a file name, or the pseudonymous series name for DICOM)
     info: dict[str, Any] = field(default_factory=dict)  # extra sidecar fields from the reader
     frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (data.dicom.source.Source, 0-based frame) per slice
+    study: str = ""  # DICOM: StudyInstanceUID (memory only, never written): groups a study's channels
+    description: str = ""  # DICOM: SeriesDescription (memory only): what --channels names match
