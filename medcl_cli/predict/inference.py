@@ -89,7 +89,7 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     ckpt_path = resolve(run)
     net, ckpt = load_network(run, device)
     if torch.device(device).type == "cuda":  # channels-last weights: cudnn's fast NHWC kernels, as in training
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
     label_map = normalize_label_map(ckpt.get("label_map"))
     prep = {**DEFAULT_PREPROCESSING, **dict(ckpt.get("preprocessing") or {})}
     out_channels = _out_channels(net)
