@@ -196,6 +196,10 @@ class Redactor:
         """True when `text` holds a PHI value seen in the headers, or a calendar date (a date of care)."""
         return bool(text) and (self(text) != text or _DATE.search(text) is not None)
 
+    def scrub(self, text: str) -> str:
+        """`text` with the PHI values and the calendar dates in it replaced by `<redacted>` (a path)."""
+        return _DATE.sub("<redacted>", self(text)) if text else text
+
     def keep(self, text: str) -> str:
         """`text` where it is clean, else "": for a field that is worth nothing half-redacted (a series
         description in cases.csv, a class name, an output file name)."""

@@ -10,9 +10,17 @@ from medcl_cli.errors import InputNotFoundError, UsageError
 from medcl_cli.predict.item import PredictInput
 
 
+def output_name(path: Path) -> str:
+    """A volume's output name: its file name without the extension, and without nnU-Net's channel suffix
+    `_0000` (`case_0000.nii.gz` -> `case`, as nnU-Net names its predictions)."""
+    stem = strip_suffix(path.name)
+    return stem[:-5] if stem.endswith("_0000") and len(stem) > 5 else stem
+
+
 def _volume_input(path: Path) -> PredictInput:
     return PredictInput(
-        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path, finite=True), display=path.name
+        name=output_name(path), kind="volume", files=[path], load=lambda: read_image(path, finite=True),
+        display=path.name, given=str(path),
     )
 
 
@@ -68,7 +76,7 @@ def _has_other_files(folder: Path) -> bool:
 def check_unique(inputs: list[PredictInput]) -> None:
     by_name: dict[str, list[str]] = {}
     for item in inputs:
-        by_name.setdefault(item.name, []).append(item.display)
+        by_name.setdefault(item.name, []).append(item.given or item.display)
     dup = {k: v for k, v in by_name.items() if len(v) > 1}
     if dup:
         name, where = next(iter(dup.items()))

@@ -49,6 +49,7 @@ def sidecar(model: LoadedModel, item: PredictInput, out_img: sitk.Image, fmt: st
     """What the JSON beside each mask records: model, input hash, label map and the grid written."""
     return {
         "name": item.name,
+        "input": item.given,  # the path as given on the command line (a DICOM series: the folder holding it)
         "input_kind": item.kind,
         "input_sha256": sha256_files(item.files),
         "input_files": len(item.files),
