@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
 import volumes as V
+
 from medcl_cli.core.files import atomic_path, current_umask, make_tempdir
 
 TINY = ["--steps", "2", "--image-size", "32", "--batch-size", "4", "--device", "cpu",
