@@ -120,3 +120,18 @@ def test_ingest_leaves_no_pid_file_on_success_or_failure(tmp_path, capsys):
     code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "ds3"))
     assert code == 3, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "empty", "src"]
+
+
+def test_private_phi_folder_stays_owner_only_under_a_shared_umask(umask, tmp_path, capsys):
+    """`--allow-phi` puts PatientID etc. in DATASET/private/: 0700 / 0600 even when the rest is 0755 / 0644."""
+    import dicomgen as g
+
+    umask(0o022)
+    g.write_series(tmp_path / "src" / "s0", g.volume(3, 16, 16, seed=1), description="T1")
+    code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--allow-phi",
+                             "--meta", "PatientID")
+    assert code == 0, err
+    private = tmp_path / "ds" / "private"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in private.iterdir()} == {"id_map.csv": 0o600, "meta_phi.csv": 0o600}
+    assert stat.S_IMODE((tmp_path / "ds" / "cases.csv").stat().st_mode) == 0o644

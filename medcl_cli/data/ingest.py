@@ -315,11 +315,15 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     write_rows_atomic([r.__dict__ for r in rows], report_cols, work / "ingest_report.csv")
     write_json_atomic(info, work / "dataset.json")
     if req.allow_phi and (phi or id_map):
-        (work / "private").mkdir()
+        # PHI: owner-only whatever the umask (everything else follows the umask, so a team can share it)
+        (work / "private").mkdir(mode=0o700)
+        os.chmod(work / "private", 0o700)
         write_rows_atomic(id_map, ["case_id", "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
                                    "files"], work / "private" / "id_map.csv")
         if phi:
             write_rows_atomic(private_rows, ["case_id", "slice", *phi], work / "private" / "meta_phi.csv")
+        for f in (work / "private").iterdir():
+            os.chmod(f, 0o600)
     statuses = Counter(r.status for r in rows)
     failed = sum(v for k, v in statuses.items() if k.startswith("failed"))
     ignored = sum(v for k, v in statuses.items() if k.startswith("ignored"))
