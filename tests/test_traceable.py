@@ -129,6 +129,14 @@ def test_nifti_predictions_named_after_the_file_with_the_path_as_given(shared_da
     code, _, err = V.run_cli(capsys, "predict", str(run), str(a), str(b), "--out", str(tmp_path / "q"))
     assert code == 2 and str(a) in err and str(b) in err
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+    # an nnU-Net raw folder: imagesTr/case_0000 beside labelsTr/case keeps its _0000 rather than colliding
+    raw = tmp_path / "raw"
+    for sub, name in (("imagesTr", "case_0000.nii.gz"), ("labelsTr", "case.nii.gz")):
+        (raw / sub).mkdir(parents=True)
+        shutil.copy(acdc / "images" / "patient002_frame01.nii.gz", raw / sub / name)
+    code, _, err = V.run_cli(capsys, "predict", str(run), str(raw), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.nii.gz")) == ["case.nii.gz", "case_0000.nii.gz"]
 
 
 def test_4d_enhanced_series_named_per_time_point(shared_data, tmp_path, capsys):

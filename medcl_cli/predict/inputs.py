@@ -61,8 +61,20 @@ def collect_inputs(
         dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
         found.extend(dic)
         failed.extend(dic_failed)
+    _keep_suffix_where_it_collides(found)
     check_unique(found)
     return found, failed
+
+
+def _keep_suffix_where_it_collides(inputs: list[PredictInput]) -> None:
+    """`case_0000.nii.gz` next to a `case.nii.gz` (an nnU-Net raw folder with imagesTr/ and labelsTr/):
+    the first keeps its full stem rather than both being refused."""
+    count: dict[str, int] = {}
+    for item in inputs:
+        count[item.name] = count.get(item.name, 0) + 1
+    for item in inputs:
+        if item.kind == "volume" and count[item.name] > 1 and len(item.files) == 1:
+            item.name = strip_suffix(item.files[0].name)
 
 
 def _has_other_files(folder: Path) -> bool:
