@@ -141,7 +141,7 @@ def _dicom_cases(roots: list[Path], channels: list[str], workdir: Path, rep: Rep
         first = chosen[0]
         found.append(PredictInput(
             name=first.name, kind="dicom", files=[f for c in chosen for f in c.files], load=load,
-            display=first.display, frames=first.frames, given=first.given,
+            display=first.display, frames=first.frames, given=first.given, pseudonym=first.pseudonym,
             info={**first.info, "channels": {ch: c.display for ch, c in zip(channels, chosen)}},
         ))
     if not found and not failed:

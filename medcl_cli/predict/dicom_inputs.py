@@ -122,6 +122,7 @@ def dicom_inputs(
                 study=plan.study,
                 description=plan.description,
                 given=redact.scrub(str(root)) if root is not None else "",  # no patient name or date
+                pseudonym="series_" + uid_hash(plan.series, 12),
             )
         )
     return inputs, failed

@@ -24,3 +24,4 @@ class PredictInput:
     study: str = ""  # DICOM: StudyInstanceUID (memory only, never written): groups a study's channels
     description: str = ""  # DICOM: SeriesDescription (memory only): what --channels names match
     given: str = ""  # the input path as the user gave it (a file, or the DICOM folder holding the series)
+    pseudonym: str = ""  # DICOM: `series_<12 hex>` of the SeriesInstanceUID, the patient identity of a SEG

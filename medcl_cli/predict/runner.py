@@ -118,7 +118,9 @@ def predict_all(
                 from medcl_cli.predict.seg_writer import write_dicom_seg
 
                 seg_path = out / f"{item.name}.seg.dcm"
-                write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi, item.frames)
+                # the SEG's patient is the series' UID pseudonym: unique per series, unlike a readable name
+                write_dicom_seg(label, image, item.files, model, seg_path, item.pseudonym or item.name, allow_phi,
+                                item.frames)
                 extra["dicom_seg"] = seg_path.name
             write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)
