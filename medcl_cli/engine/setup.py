@@ -227,6 +227,7 @@ def run_info(
             "fingerprint": folder.fingerprint(),
             "cases": len(slices.case_ids),
             "slices": int(len(slices.case)),
+            "splits": folder.split_counts(),  # {split: {cases, patients}}
         },
         "labeled_patients": patients,
         "init_from": str(req.init_from) if req.init_from else None,
