@@ -51,6 +51,10 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: one per core).")] = None,
     allow_phi: Annotated[bool, typer.Option("--allow-phi", help="Allow PHI keywords in --meta; their values and an "
                                                                 "id map go to DATASET/private/ only.")] = False,
+    allow_phi_tags: Annotated[Optional[str], typer.Option(
+        "--allow-phi-tags", help="Free-text --meta tags to write to meta.csv anyway (e.g. SeriesDescription,"
+                                 "ImageComments); each value is scrubbed of the patient's name, IDs, birth date, "
+                                 "accession number and institution (docs/phi.md).")] = None,
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -61,9 +65,11 @@ def ingest(
 
     DICOM series are grouped, sorted by position along the slice normal, checked (gaps, duplicates, tilt,
     variable spacing), 4D series are split per time point, and each volume is written as NIfTI with its exact
-    geometry. PHI never enters the dataset unless --allow-phi (then only under private/).
-    Exit codes: 0 every input became a case, 5 some were skipped (see ingest_report.csv), 3 nothing usable,
-    2 bad option (unknown or PHI --meta keyword), 6 --out not empty.
+    geometry. PHI never enters the dataset unless --allow-phi (then only under private/); free-text tags
+    (descriptions, comments) need --allow-phi-tags and are scrubbed (docs/phi.md). Ages over 89 read 90+.
+    Exit codes: 0 every input became a case, 5 some were skipped (see ingest_report.csv), 3 nothing usable
+    (the reason is printed and ingest_report.csv still written), 2 bad option (unknown or PHI --meta keyword),
+    6 --out not empty, being written by another ingest, or not writable.
 
     Example: medcl ingest ./dicoms --out data/ --meta PatientAge,SliceLocation --label-series Mask
     Multi-sequence: medcl ingest ./brain --out brain/ --channels T1post,FLAIR,T2 --label-series Mask
@@ -81,6 +87,7 @@ def ingest(
         inputs=list(inputs), out=out, labels_dir=labels, label_series=label_series,
         label_names=_label_names(label_names), meta=[m for m in (meta or "").split(",") if m.strip()],
         meta_csv=meta_csv, split_file=split_file, allow_phi=allow_phi, overwrite=overwrite,
+        allow_phi_tags=[t for t in (allow_phi_tags or "").split(",") if t.strip()],
         channels=parse_channels(channels), cfg=cfg.ingest,
     )
     res = run_ingest(req, console.ConsoleReporter())

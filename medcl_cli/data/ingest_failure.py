@@ -1,0 +1,63 @@
+"""The error of an ingest that produced no case: it names what was found and gives a hint that fits it.
+
+"no usable image found (failed:codec x1)" tells a user nothing; the report rows do (the transfer syntax and
+the package that decodes it, "4D volume with 3 time points", a non-orthonormal direction, no pixel data).
+The first failing rows are quoted (already scrubbed, paths shown relative to the input) and the hint is
+chosen from the first one's status and reason. The report itself is written by the caller in every case.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from medcl_cli.errors import InputNotFoundError
+
+SHOWN = 3
+GENERIC_HINT = "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files"
+
+
+class Row(Protocol):
+    source: str
+    status: str
+    reason: str
+
+
+# (status prefix or reason fragment, hint); the first match wins
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("failed:codec", "install the decoder package named above (pip install ...) and run ingest again"),
+    ("4D volume", "split it into one 3D file per time point (e.g. SimpleITK or fslsplit) and ingest those"),
+    ("orthonormal", "the image orientation is not a rotation: fix the header (sform/qform, ImageOrientationPatient)"),
+    ("PixelData", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
+    ("pixel data", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
+    ("failed:truncated", "the file is incomplete: copy or export it again"),
+    ("failed:zip-limit", "the archive expands far beyond what images need: unpack it yourself only if you trust it"),
+    ("broken symbolic link", "the link's target is missing: restore it or point ingest at the real files"),
+    ("failed:corrupt", "the file is damaged: export it again from the PACS"),
+    ("failed:tilt", "gantry-tilted series need resampling: see docs/dicom-troubleshooting.md"),
+    ("failed:gap", "slices are missing from the series: export the whole series again"),
+)
+
+
+def hint_for(status: str, reason: str) -> str:
+    for key, hint in _HINTS:
+        if status.startswith(key) or key in reason:
+            return hint
+    return GENERIC_HINT
+
+
+def nothing_usable(rows: Sequence[Row], inputs: Sequence[Path], report: Path,
+                   scrub: Callable[[str], str]) -> InputNotFoundError:
+    """The exit-3 error of an ingest with no case: the first failing rows' reasons and a fitting hint."""
+    counts = Counter(r.status for r in rows)
+    why = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "no files"
+    where = ", ".join(str(p) for p in inputs)
+    failed = [r for r in rows if r.status.startswith("failed")]
+    if not failed:
+        return InputNotFoundError(scrub(f"no usable image found in {where} ({why}); report: {report}"), GENERIC_HINT)
+    quoted = "; ".join(f"{r.source}: {r.reason or r.status}" for r in failed[:SHOWN])
+    more = f" (and {len(failed) - SHOWN} more)" if len(failed) > SHOWN else ""
+    message = f"no usable image found in {where} ({why}): {quoted}{more}; report: {report}"
+    return InputNotFoundError(scrub(message), hint_for(failed[0].status, failed[0].reason))
