@@ -96,7 +96,7 @@ def _display_fn(inputs: list[Path]) -> Any:
 
     def display(path: str) -> str:
         base, _, member = path.partition("!")
-        p = Path(base).resolve()
+        p = Path(base).parent.resolve() / Path(base).name  # not the link's target: a broken link stays in place
         for r in roots:
             anchor = r if r.is_dir() else r.parent
             if p == r or anchor in p.parents:

@@ -18,7 +18,7 @@ combinations) and its Value Representation (pydicom's data dictionary):
 PatientName and the other names, PatientID and the other IDs, the birth date in its usual written forms,
 accession number, institution name and address, station, physicians) from text medcl writes: allowed
 free-text meta values, every ingest_report.csv row, log lines and the HTML report. It matches substrings,
-case-insensitively. `python -m medcl_cli.data.phi` prints the table that docs/phi.md carries.
+case-insensitively. `python -m medcl_cli.data.phi --write docs/phi.md` refreshes the table docs/phi.md carries.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def classify(keyword: str) -> TagRule:
                 "UI": "a UID that links back to the PACS"}.get(vr, "an identifier")
         return TagRule(keyword, tag, vr, action, IDENTIFIER, f"{what}; {listed}")
     if action:
-        return TagRule(keyword, tag, vr, action, FREE_TEXT,
-                       f"{listed} (VR {vr}): descriptions and comments may hold names, IDs and dates")
+        what = "free text that may hold names, IDs and dates" if vr in FREE_TEXT_VRS else "context the profile removes"
+        return TagRule(keyword, tag, vr, action, FREE_TEXT, f"{listed} (VR {vr}): {what}")
     if vr in FREE_TEXT_VRS:
         return TagRule(keyword, tag, vr, action, FREE_TEXT, f"free-text VR {vr}: may hold names, IDs and dates")
     return TagRule(keyword, tag, vr, action, KEPT, f"coded or numeric VR {vr}; {listed}")
@@ -236,5 +236,22 @@ class ScrubbedReporter:
         self.inner.finish(task)
 
 
-if __name__ == "__main__":  # pragma: no cover - used by hand to refresh docs/phi.md
-    print(table_markdown(), end="")
+START, END = "<!-- phi-table:start -->\n", "<!-- phi-table:end -->"
+
+
+def with_table(doc: str) -> str:
+    """`doc` (docs/phi.md) with the text between its table markers replaced by `table_markdown()`."""
+    head, _, rest = doc.partition(START)
+    _, _, tail = rest.partition(END)
+    return head + START + table_markdown() + END + tail
+
+
+if __name__ == "__main__":  # pragma: no cover - by hand: python -m medcl_cli.data.phi [--write docs/phi.md]
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        doc = Path(sys.argv[2])
+        doc.write_text(with_table(doc.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(table_markdown(), end="")
