@@ -14,10 +14,18 @@ import re
 from pathlib import Path
 
 import pytest
-
 import volumes as V
+
 from medcl_cli.data.meta import PHI_KEYWORDS, resolve_keywords
-from medcl_cli.data.phi import FREE_TEXT, IDENTIFIER, KEPT, Scrubber, classify, date_forms, table_markdown
+from medcl_cli.data.phi import (
+    FREE_TEXT,
+    IDENTIFIER,
+    KEPT,
+    Scrubber,
+    classify,
+    date_forms,
+    table_markdown,
+)
 from medcl_cli.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +122,7 @@ def test_scrubber_matches_components_ids_and_date_forms():
 
 def test_doc_table_matches_the_module():
     doc = (REPO / "docs" / "phi.md").read_text(encoding="utf-8")
-    m = re.search(r"<!-- phi-table:start -->\n(.*?)<!-- phi-table:end -->", doc, re.S)
+    m = re.search(r"<!-- phi-table:start -->\n(.*?)<!-- phi-table:end -->", doc, re.DOTALL)
     assert m, "docs/phi.md lacks the generated table markers"
     assert m.group(1) == table_markdown(), "docs/phi.md is stale: run python -m medcl_cli.data.phi --write docs/phi.md"
 

@@ -157,7 +157,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     """A DataFrame as CSV, atomically; text cells and column names go through `safe_cell`."""
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object:
+        if getattr(out[col].dtype, "kind", "O") not in "biufcmM":  # object and string columns
             out[col] = out[col].map(safe_cell)
     out.columns = [safe_cell(str(c)) for c in out.columns]
     with atomic_path(path, ".csv") as tmp:

@@ -30,6 +30,7 @@ _HINTS: tuple[tuple[str, str], ...] = (
     ("failed:codec", "install the decoder package named above (pip install ...) and run ingest again"),
     ("4D volume", "split it into one 3D file per time point (e.g. SimpleITK or fslsplit) and ingest those"),
     ("orthonormal", "the image orientation is not a rotation: fix the header (sform/qform, ImageOrientationPatient)"),
+    ("failed:no-pixels", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
     ("PixelData", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
     ("pixel data", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
     ("failed:truncated", "the file is incomplete: copy or export it again"),

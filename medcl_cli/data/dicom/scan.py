@@ -133,6 +133,9 @@ def read_header(src: Source, keywords: tuple[str, ...]) -> list[Any]:
     tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if "Rows" in ds and tsyntax in UNCOMPRESSED | {""} and "FloatPixelData" not in ds:
         need = _expected_pixel_bytes(ds)
+        if need and size <= pixel_offset:  # the header ends the file: no (7FE0,0010) element at all
+            return [FileIssue(src, "failed:no-pixels", "no PixelData element: the file ends after its header",
+                              series=str(ds.get("SeriesInstanceUID", "")))]
         if need and pixel_offset + 8 + need > size:
             have = max(0, size - pixel_offset - 8)
             issue = FileIssue(
