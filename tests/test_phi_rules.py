@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import volumes as V
+from test_bad_inputs import tree_digest
 
 from medcl_cli.data.meta import PHI_KEYWORDS, resolve_keywords
 from medcl_cli.data.phi import (
@@ -136,6 +137,7 @@ def test_free_text_refused_then_scrubbed_on_a_real_series(shared_data, tmp_path,
     (odd / "IM9999.dcm").symlink_to(tmp_path / "gone.dcm")
     meta = "PatientAge,SliceLocation,SeriesDescription,ImageComments,StudyDescription"
     out = tmp_path / "ds"
+    before = tree_digest(root)
     code, stdout, err = V.run_cli(capsys, "ingest", str(root), "--out", str(out), "--meta", meta)
     assert code == 2, err
     assert "SeriesDescription" in err and "--allow-phi-tags" in err and not out.exists()
@@ -143,6 +145,7 @@ def test_free_text_refused_then_scrubbed_on_a_real_series(shared_data, tmp_path,
     code, stdout, err = V.run_cli(capsys, "ingest", str(root), "--out", str(out), "--meta", meta,
                                   "--allow-phi-tags", "SeriesDescription,ImageComments,StudyDescription", "--workers", "1")
     assert code == 5, err  # the broken link is a failed input
+    assert tree_digest(root) == before and "Traceback" not in err
     assert _leaks(out) == []
     console = (stdout + err).lower()
     assert [w for w in IDENTIFYING if w in console] == []

@@ -1,9 +1,11 @@
 """`medcl ingest`: DICOM folders, zips and NIfTI/NRRD/MHA files -> one dataset folder (data/folder.py).
 
-Everything is written into a temporary sibling folder that is renamed into place at the end, so a failed or
-killed ingest leaves no half dataset. PHI stays out of every file outside `private/`: case ids are
-`case_NNNN` (DICOM) or the NIfTI file name, patients are salted hashes of PatientID, report text is
-redacted, and PHI tags asked for with `--allow-phi` go to `private/meta_phi.csv` only.
+Everything is written into a temporary sibling folder that is renamed into place at the end, under a lock
+beside `--out` (core/lock.py; the checks and the swap are in ingest_output.py), so a failed or killed ingest
+leaves no half dataset and a second writer is refused. PHI stays out of every file outside `private/`: case
+ids are `case_NNNN` (DICOM) or the NIfTI file name, patients are salted hashes of PatientID, report rows, log
+lines and allowed free text go through the one Scrubber (phi.py), and identifiers asked for with
+`--allow-phi` go to `private/meta_phi.csv` only.
 
 One piece past 300 lines: the order of the ingest steps (walk, convert, split, write, report, swap) is
 what keeps a failed ingest from leaving anything behind; the steps themselves live in their modules.

@@ -20,7 +20,7 @@ STATUS = "failed:zip-limit"
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB"
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
 
 
 def member_problem(info: zipfile.ZipInfo) -> str:
