@@ -121,22 +121,22 @@ def is_dataset_folder(folder: Path) -> bool:
     return (folder / "dataset.json").is_file() and (folder / "cases.csv").is_file()
 
 
-def skipped_roots(inputs: list[Path], out: Path) -> list[Path]:
+def skipped_roots(walked: Walked, inputs: list[Path], out: Path) -> list[Path]:
     """Folders under the input folders that the walk must not read: `--out`, its work/old/lock siblings,
-    and every earlier medcl dataset folder (dataset.json + cases.csv)."""
-    roots: list[Path] = []
-    for inp in inputs:
-        root = inp.resolve()
-        if not root.is_dir():
-            continue
+    and every earlier medcl dataset folder (dataset.json + cases.csv), found among the walked files (no
+    second walk of the tree)."""
+    roots: set[Path] = set()
+    tops = {inp.resolve() for inp in inputs if inp.is_dir()}
+    for root in tops:
         if out == root or root in out.parents:
-            roots.append(out)
-            roots.extend(p for p in out.parent.glob(f".{out.name}.*"))
-        for marker in root.rglob("dataset.json"):
-            folder = marker.parent
-            if is_dataset_folder(folder) and folder != root:
-                roots.append(folder)
-    return sorted(set(roots))
+            roots.add(out)
+            roots.update(out.parent.glob(f".{out.name}.*"))
+    for src in walked.dicom:
+        if src.member is None and src.path.endswith("dataset.json"):
+            folder = Path(src.path).parent.resolve()
+            if folder not in tops and Path(src.path).name == "dataset.json" and is_dataset_folder(folder):
+                roots.add(folder)
+    return sorted(roots)
 
 
 def under(path: str | Path, roots: list[Path]) -> Path | None:
@@ -152,7 +152,7 @@ def skip_own_outputs(walked: Walked, inputs: list[Path], out: Path, display: Cal
                      rep: Reporter) -> list[ReportRow]:
     """Drop, in place, what the walk found under `skipped_roots`; one `ignored:medcl-output` row (and a log
     line) per skipped folder, so the user sees it was not read."""
-    roots = skipped_roots(inputs, out)
+    roots = skipped_roots(walked, inputs, out)
     if not roots:
         return []
     hits: Counter[Path] = Counter()
