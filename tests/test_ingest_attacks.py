@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import resource
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -46,6 +47,36 @@ def test_second_writer_is_refused_and_no_lock_is_left(tmp_path, capsys):
     code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "in"), "--out", str(out), "--overwrite", "--workers", "1")
     assert code == 0, err
     assert not lock_path(out).exists()
+
+
+def test_two_ingests_at_once_the_second_exits_6_and_the_first_result_stays(tmp_path, capsys):
+    """The race itself: a real `medcl ingest` subprocess holds --out while a second one starts."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    n = 24
+    for i in range(n):
+        g.write_series(src / f"s{i:02d}", g.volume(10, 64, 64, seed=i))
+    out = tmp_path / "ds"
+    code, _, err = V.run_cli(capsys, "ingest", str(src / "s00"), "--out", str(tmp_path / "warm"), "--workers", "1")
+    assert code == 0, err  # the second ingest's imports are done: it reaches the lock within milliseconds
+    shutil.rmtree(tmp_path / "warm")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    first = subprocess.Popen([sys.executable, "-m", "medcl_cli", "ingest", str(src), "--out", str(out),
+                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not lock_path(out).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        code, _, err = V.run_cli(capsys, "ingest", str(src), "--out", str(out), "--workers", "1")
+    finally:
+        _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert code == 6, err  # refused by the lock (or, had the first finished already, by the non-empty --out)
+    assert "being written by process" in err or "exists and is not empty" in err
+    assert len(_cases(out)) == n and not lock_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "in"]
 
 
 def test_swap_never_deletes_a_result_it_did_not_create(tmp_path):
