@@ -10,6 +10,7 @@ own output back as new cases.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -69,6 +70,8 @@ def make_work(out: Path) -> Path:
         (work / ".pid").write_text(str(os.getpid()))
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk is exit 7 (cli/app.py), not a bad --out
         raise OutputError(f"cannot create a temporary folder beside --out in {out.parent}: "
                           f"{exc.strerror or exc}", "choose an --out on a writable disk") from None
     return work
