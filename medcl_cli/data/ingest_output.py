@@ -106,7 +106,12 @@ def swap_into_place(work: Path, out: Path, state: OutputState) -> None:
     if now is not None:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
-    work.rename(out)
+    try:
+        work.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)  # the previous dataset goes back where it was
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
