@@ -200,6 +200,15 @@ def test_the_only_failing_input_names_its_reason_and_the_report_is_written(tmp_p
     assert "4D volume with 3 time points" in err and "hint: split it into one 3D file per time point" in err
     assert "failed:unreadable" in (tmp_path / "o1" / "ingest_report.csv").read_text()
 
+    import nibabel as nib
+
+    skew = np.array([[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # a shear: not a rotation
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), skew), str(tmp_path / "skew.nii.gz"))
+    code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "skew.nii.gz"), "--out", str(tmp_path / "o5"))
+    assert code == 3, err
+    assert "not orthonormal" in err and "hint: the image orientation is not a rotation" in err
+    assert str(tmp_path) not in (tmp_path / "o5" / "ingest_report.csv").read_text()  # no absolute path in the reason
+
     g.write_jpeg_series(tmp_path / "jpeg", 2)
     code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "jpeg"), "--out", str(tmp_path / "o2"))
     assert code == 3, err

@@ -71,7 +71,7 @@ def convert_volume(path: Path, label: Path | None, case_id: str, workdir: Path) 
     try:
         img = _as_3d(read_image(path, finite=True))
     except (MedclError, ValueError, RuntimeError) as exc:
-        return "failed:unreadable", str(exc), None
+        return "failed:unreadable", str(exc).replace(str(path), path.name), None  # the row names the file already
     label_img = None
     if label is not None:
         try:
