@@ -196,9 +196,9 @@ def test_the_only_failing_input_names_its_reason_and_the_report_is_written(tmp_p
     cine = tmp_path / "cine_4d.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 16, 16), np.float32), isVector=False), str(cine))  # 16 x 16 x 4 x 3
     code, _, err = V.run_cli(capsys, "ingest", str(cine), "--out", str(tmp_path / "o1"))
-    assert code == 3, err
-    assert "4D volume with 3 time points" in err and "hint: split it into one 3D file per time point" in err
-    assert "failed:unreadable" in (tmp_path / "o1" / "ingest_report.csv").read_text()
+    assert code == 4, err  # readable, but 4D: invalid data, with the option that takes it
+    assert "4D volume (16 x 16 x 4 x 3: 3 frames of 16 x 16 x 4)" in err and "hint: run ingest again with --frames split" in err
+    assert "failed:4d" in (tmp_path / "o1" / "ingest_report.csv").read_text()
 
     import nibabel as nib
 

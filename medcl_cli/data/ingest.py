@@ -74,6 +74,7 @@ class IngestRequest:
     allow_phi_tags: list[str] = field(default_factory=list)  # free-text --meta tags released to meta.csv, scrubbed
     overwrite: bool = False
     channels: list[str] = field(default_factory=list)  # --channels: one case per study, one channel per name
+    frames: str | int | None = None  # --frames: a 4D volume split per frame ("split") or frame N kept (volume_frames.py)
     cfg: IngestConfig = field(default_factory=IngestConfig)
 
 
@@ -124,6 +125,9 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
         except re.error as exc:
             raise UsageError(f"--label-series '{req.label_series}' is not a valid regular expression: {exc}",
                              "e.g. --label-series Mask or --label-series '(?i)seg|mask'") from None
+    if req.frames is not None and req.channels:
+        raise UsageError("--frames is not combined with --channels", "split the 4D files into 3D files per channel "
+                         "first, or ingest them without --channels")
     public, phi = split_phi(keywords)
     meta_table = read_meta_csv(req.meta_csv) if req.meta_csv else None
     split_map = read_split_file(req.split_file) if req.split_file else None
@@ -168,7 +172,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             walked.volumes, req.channels, req.labels_dir, work, taken, display, rep)
     else:
         nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
-                                         worker_count(req.cfg.workers))
+                                         worker_count(req.cfg.workers), req.frames)
     counter = [0]
 
     def new_case_id() -> str:

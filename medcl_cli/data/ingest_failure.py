@@ -1,7 +1,8 @@
 """The error of an ingest that produced no case: it names what was found and gives a hint that fits it.
 
 "no usable image found (failed:codec x1)" tells a user nothing; the report rows do (the transfer syntax and
-the package that decodes it, "4D volume with 3 time points", a non-orthonormal direction, no pixel data).
+the package that decodes it, "4D volume (16 x 16 x 4 x 3 ...); ingest it with --frames ...", a non-orthonormal
+direction, no pixel data).
 The first failing rows are quoted (already scrubbed, paths shown relative to the input) and the hint is
 chosen from the first one's status and reason. The report itself is written by the caller in every case.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from medcl_cli.errors import InputNotFoundError
+from medcl_cli.errors import InputNotFoundError, InvalidDataError, MedclError
 
 SHOWN = 3
 GENERIC_HINT = "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files"
@@ -28,7 +29,9 @@ class Row(Protocol):
 # (status prefix or reason fragment, hint); the first match wins
 _HINTS: tuple[tuple[str, str], ...] = (
     ("failed:codec", "install the decoder package named above (pip install ...) and run ingest again"),
-    ("4D volume", "split it into one 3D file per time point (e.g. SimpleITK or fslsplit) and ingest those"),
+    ("failed:4d", ("run ingest again with --frames split (one case per frame, <case>_f00, _f01, ...; one "
+                   "patient) or --frames N (frame N only, 0-based)")),
+    ("failed:nonfinite", "the file holds no finite voxel: export it again"),
     ("orthonormal", "the image orientation is not a rotation: fix the header (sform/qform, ImageOrientationPatient)"),
     ("failed:no-pixels", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
     ("PixelData", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
@@ -49,9 +52,14 @@ def hint_for(status: str, reason: str) -> str:
     return GENERIC_HINT
 
 
+# readable inputs that are not what a case needs: invalid data (exit 4), not "nothing found" (exit 3)
+_INVALID = ("failed:4d", "failed:nonfinite")
+
+
 def nothing_usable(rows: Sequence[Row], inputs: Sequence[Path], report: Path,
-                   scrub: Callable[[str], str]) -> InputNotFoundError:
-    """The exit-3 error of an ingest with no case: the first failing rows' reasons and a fitting hint."""
+                   scrub: Callable[[str], str]) -> MedclError:
+    """The error of an ingest with no case: the first failing rows' reasons and a fitting hint; exit 4 when
+    every failure is a readable volume medcl refused (4D without --frames), else exit 3."""
     counts = Counter(r.status for r in rows)
     why = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "no files"
     where = ", ".join(str(p) for p in inputs)
@@ -61,4 +69,5 @@ def nothing_usable(rows: Sequence[Row], inputs: Sequence[Path], report: Path,
     quoted = "; ".join(f"{r.source}: {r.reason or r.status}" for r in failed[:SHOWN])
     more = f" (and {len(failed) - SHOWN} more)" if len(failed) > SHOWN else ""
     message = f"no usable image found in {where} ({why}): {quoted}{more}; report: {report}"
-    return InputNotFoundError(scrub(message), hint_for(failed[0].status, failed[0].reason))
+    kind = InvalidDataError if all(r.status in _INVALID for r in failed) else InputNotFoundError
+    return kind(scrub(message), hint_for(failed[0].status, failed[0].reason))
