@@ -89,6 +89,9 @@ def convert_frames(path: Path, label: Path | None, case_id: str, workdir: Path, 
     if label is not None:
         try:
             label_img = read_image(label)
+            label_frame(label_img, label.name, picked[0][0], n_frames(img), frames)  # frames that do not pair: one row
+        except FramesError as exc:
+            return [(exc.status, str(exc), None)]
         except (MedclError, ValueError, RuntimeError) as exc:
             return [("failed:label", f"label {label.name}: {exc}", None)]
     results: list[tuple[str, str, NiftiCase | None]] = []

@@ -127,15 +127,17 @@ def label_frame(label: sitk.Image, name: str, index: int | None, image_frames: i
                               "one frame: keep that one with --frames N", "failed:label")
         return _as_3d(label)
     if index is None or count != image_frames:
-        raise FramesError(f"label {name} has {count} frames ({shape_text(label)}), its image "
-                          f"{image_frames if index is not None else 'is 3D'}"
-                          + (" frames" if index is not None else ""), "failed:label")
+        image = f"{image_frames} frames" if index is not None else "one (3D)"
+        raise FramesError(f"label {name} has {count} frames ({shape_text(label)}), its image {image}: give one "
+                          "label frame per image frame, or a 3D label with --frames N", "failed:label")
     return frame(label, index)
 
 
 def nonfinite_masks(path: Path, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
     """(NaN, inf) masks in ITK array order ((t,) z, y, x), None when every voxel is finite or the file is
     not floating point. Read from the raw NIfTI: ITK has already turned those voxels into 0."""
+    if sitk.GetArrayViewFromImage(image).dtype.kind != "f":  # integer voxels cannot be NaN/inf: no raw read
+        return None
     arr: np.ndarray | None = None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         import nibabel as nib
