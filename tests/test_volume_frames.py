@@ -114,6 +114,7 @@ def test_a_4d_label_is_split_with_its_image_and_a_3d_one_is_refused(cine, tmp_pa
     assert code == 3, err
     assert {r["status"] for r in _rows(tmp_path / "ds2" / "ingest_report.csv")} == {"failed:label"}
     assert "labels one frame: keep that one with --frames N" in err
+    assert "hint: ingest the labelled frame alone: --frames N (0-based)" in err
     code, _, err = V.run_cli(capsys, "ingest", str(folder), "--labels", str(tmp_path / "labs"),
                              "--out", str(tmp_path / "ds3"), "--frames", "1")
     assert code == 0, err

@@ -32,6 +32,8 @@ _HINTS: tuple[tuple[str, str], ...] = (
     ("failed:4d", ("run ingest again with --frames split (one case per frame, <case>_f00, _f01, ...; one "
                    "patient) or --frames N (frame N only, 0-based)")),
     ("failed:nonfinite", "the file holds no finite voxel: export it again"),
+    ("labels one frame", "ingest the labelled frame alone: --frames N (0-based) instead of --frames split"),
+    ("one label frame per image frame", "give the 4D label as many frames as its image, or a 3D label with --frames N"),
     ("orthonormal", "the image orientation is not a rotation: fix the header (sform/qform, ImageOrientationPatient)"),
     ("failed:no-pixels", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
     ("PixelData", "the file holds no pixel data (a header-only or non-image object): point ingest at the image series"),
