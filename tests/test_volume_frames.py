@@ -203,3 +203,16 @@ def test_a_real_4d_nifti_from_dcm2niix_splits_into_its_frames(shared_data, tmp_p
         assert got.shape == (64, 64, 15)
         np.testing.assert_allclose(got.affine, ref.affine, atol=1e-4)
         np.testing.assert_array_equal(np.asarray(got.dataobj), data[..., k])
+
+
+def test_a_volume_with_no_finite_voxel_is_refused(tmp_path, capsys):
+    src = tmp_path / "in" / "void.nii.gz"
+    src.parent.mkdir()
+    arr = np.full((3, 8, 8), np.nan, np.float32)
+    arr[1] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(src))
+    code, _, err = V.run_cli(capsys, "ingest", str(src), "--out", str(tmp_path / "ds"))
+    assert code == 4, err
+    assert "every voxel is NaN or inf (128 NaN, 64 inf)" in err and "hint: the file holds no finite voxel" in err
+    (row,) = _rows(tmp_path / "ds" / "ingest_report.csv")
+    assert row["status"] == "failed:nonfinite"
