@@ -216,3 +216,26 @@ def test_a_volume_with_no_finite_voxel_is_refused(tmp_path, capsys):
     assert "every voxel is NaN or inf (128 NaN, 64 inf)" in err and "hint: the file holds no finite voxel" in err
     (row,) = _rows(tmp_path / "ds" / "ingest_report.csv")
     assert row["status"] == "failed:nonfinite"
+
+
+def test_nan_in_any_channel_of_a_channels_case_is_replaced_and_noted(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "in"
+    src.mkdir()
+    arrays = [rng.normal(0, 1, size=(3, 8, 8)).astype(np.float32) for _ in range(2)]
+    arrays[0][0, 0, 0] = np.nan
+    arrays[1][2, 7, 7] = np.inf
+    for k, arr in enumerate(arrays):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(src / f"pat_{k:04d}.nii.gz"))
+    out = tmp_path / "ds"
+    code, _, err = V.run_cli(capsys, "ingest", str(src), "--out", str(out), "--channels", "T1,T2")
+    assert code == 0, err
+    reasons = sorted(r["reason"] for r in _rows(out / "ingest_report.csv"))
+    low0, low1 = (float(a[np.isfinite(a)].min()) for a in arrays)
+    assert reasons == [f"channel 0 (T1) of pat; channel 0 replaced 1 NaN voxel by the minimum {low0:g}",
+                       f"channel 1 (T2) of pat; channel 1 replaced 1 inf voxel by the minimum {low1:g}"]
+    for k, arr in enumerate(arrays):
+        got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / f"pat_{k:04d}.nii.gz")))
+        bad = ~np.isfinite(arr)
+        np.testing.assert_array_equal(got[bad], np.float32([low0, low1][k]))
+        np.testing.assert_array_equal(got[~bad], arr[~bad])
