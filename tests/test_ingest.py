@@ -228,7 +228,11 @@ def test_exit_codes_and_messages(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing")
     r = cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "y"))
-    assert r.exit_code == 3 and "ignored:not-dicom" in r.stderr and not (tmp_path / "y").exists()
+    assert r.exit_code == 3 and "ignored:not-dicom" in r.stderr
+    # the report is written on every exit, and a folder holding only it is no dataset: a re-run may replace it
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == ["ingest_report.csv"]
+    r = cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "y"))
+    assert r.exit_code == 3, r.stderr
 
 
 def test_failed_ingest_leaves_no_half_dataset(tmp_path, monkeypatch):

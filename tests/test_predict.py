@@ -79,6 +79,15 @@ def test_partial_failure_and_nothing_found(run, tmp_path, capsys):
     assert "broken.nii.gz" in err and "Traceback" not in err
     assert (out / "scan0.nii.gz").is_file() and (out / "scan1.json").is_file()
     assert not (out / "broken.json").exists() and not (out / "broken.nii.gz").exists()
+    # nothing at all predicted: invalid data (4), not a partial success (5)
+    import numpy as np
+    import SimpleITK as sitk
+
+    cine = tmp_path / "cine_4d.nii.gz"  # found and read, then refused by the model's input check
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 16, 16), np.float32), isVector=False), str(cine))
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), str(cine), "--out", str(tmp_path / "out2"))
+    assert code == 4, err
+    assert "no input could be segmented" in err and "4D" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
     code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "empty"), "--out", str(out))
     assert code == 3 and "no volumes or DICOM series" in err

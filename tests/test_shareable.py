@@ -119,7 +119,9 @@ def test_ingest_leaves_no_pid_file_on_success_or_failure(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = V.run_cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "ds3"))
     assert code == 3, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "empty", "src"]
+    # no work folder, lock or .pid beside or inside: the failed ingest leaves only its report in --out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds3", "empty", "src"]
+    assert [p.name for p in (tmp_path / "ds3").iterdir()] == ["ingest_report.csv"]
 
 
 def test_private_phi_folder_stays_owner_only_under_a_shared_umask(umask, tmp_path, capsys):

@@ -38,7 +38,7 @@ def predict(
     Each <name>.nii.gz copies the input's size, spacing, origin and direction; <name>.json records the
     label map, run id, method and the input's sha256. Outputs that exist are skipped unless --overwrite,
     so re-running a killed predict completes only the missing cases. Exit 5 when some inputs failed
-    (the others are still written), 3 when nothing readable was found.
+    (the others are still written), 4 when every input found failed, 3 when nothing readable was found.
 
     Example: medcl predict runs/ft scans/ --out preds/
     Multi-channel run: medcl predict runs/brain t1post.nii.gz flair.nii.gz t2.nii.gz --out preds/
@@ -85,6 +85,11 @@ def predict(
             console.info("existing outputs were kept; give --overwrite to recompute them")
     if res.failed:
         shown = "; ".join(f"{i}: {r}" for i, r in res.failed[:3]) + (" ..." if len(res.failed) > 3 else "")
+        if not res.written and not res.skipped:  # nothing at all was predicted: no partial success
+            from medcl_cli.errors import InvalidDataError
+
+            raise InvalidDataError(f"no input could be segmented ({len(res.failed)} failed): {shown}",
+                                   "fix the inputs named above and re-run")
         raise PartialSuccess(
             f"{len(res.failed)} input(s) failed: {shown}", "fix or remove them and re-run; finished cases are skipped"
         )

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,20 +155,55 @@ def private_tempdir(prefix: str) -> Iterator[Path]:
         yield Path(work)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_CONTROL = {c: None for c in range(32)} | {9: " ", 10: " ", 13: " ", 127: None}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        for part in text.split("\\"):  # DICOM multi-values: -12.5\\40.0\\-3
+            float(part)
+    except ValueError:
+        return False
+    return True
+
+
+def safe_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run (OWASP CSV injection): text beginning with = + - @ tab or CR
+    gets a leading `'`, control characters go (tab, CR and LF become spaces). Numbers, and text that is a
+    number or a backslash-joined list of numbers (-3.5, -1e-3\\2), are returned unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith(_FORMULA_START) and not _is_number(value):
+        value = "'" + value
+    return value.translate(_CONTROL)
+
+
+def safe_row(row: Iterable[Any]) -> list[Any]:
+    return [safe_cell(v) for v in row]
+
+
 def write_rows_atomic(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
-    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas."""
+    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas; every cell
+    goes through `safe_cell`."""
     import csv
 
     with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", restval="")
-        writer.writeheader()
+        writer = csv.writer(fh)
+        writer.writerow(safe_row(columns))
         for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            writer.writerow(safe_row("" if row.get(c) is None else row.get(c, "") for c in columns))
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """A DataFrame as CSV, atomically; text cells and column names go through `safe_cell`."""
+    out = df.copy()
+    for col in out.columns:
+        if getattr(out[col].dtype, "kind", "O") not in "biufcmM":  # object and string columns
+            out[col] = out[col].map(safe_cell)
+    out.columns = [safe_cell(str(c)) for c in out.columns]
     with atomic_path(path, ".csv") as tmp:
-        df.to_csv(tmp, index=False)
+        out.to_csv(tmp, index=False)
 
 
 def write_json_atomic(data: Any, path: Path) -> None:

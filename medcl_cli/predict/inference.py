@@ -22,7 +22,6 @@ from torch import nn
 
 from medcl_cli.config import DataConfig, InferenceConfig
 from medcl_cli.core.runfolder import RunInfoError, read_run_info
-from medcl_cli.data.preprocess import logits_to_volume
 from medcl_cli.data.channels import channel_arrays
 from medcl_cli.data.preprocess import channel_slices, logits_to_volume
 from medcl_cli.engine.device import autocast, resolve_precision
