@@ -133,11 +133,18 @@ def load_init(net: nn.Module, source: Path, rep: Reporter, channel_names: list[s
     )
 
 
+def trains_segmentation(method: nn.Module) -> bool:
+    """Whether the method trains the segmentation head on masks (then the loop validates it, and predict /
+    evaluate accept the run). semicl uses masks for its local contrast only (`validates = False`)."""
+    return "labeled" in set(getattr(method, "needs", {"labeled"})) and bool(getattr(method, "validates", True))
+
+
 def checkpoint_state(
     method: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int, best: float | None, cfg: Config,
-    stage: str, slices: SliceSet, full: bool,
+    stage: str, slices: SliceSet, full: bool, profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG)."""
+    """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG); `profile` is the
+    training data's profile (data/profile.py) that predict and evaluate compare inputs with."""
     net = method.get_submodule("net")  # the registered U-Net, typed nn.Module
     state: dict[str, Any] = {
         "format": ckpt_io.FORMAT,
@@ -158,7 +165,10 @@ def checkpoint_state(
             "normalize": cfg.data.normalize,
         },
         "versions": versions(),
+        "segmentation_trained": trains_segmentation(method),
     }
+    if profile:
+        state["data_profile"] = profile
     ev = eval_net(method)
     if ev is not net:
         state["eval_model"] = ev.state_dict()
@@ -204,10 +214,11 @@ def resume_rank_rng(saved: list[dict[str, Any]] | None, env: Any, fallback_seed:
 
 def run_info(
     req: Any, device: torch.device, dtype: torch.dtype, slices: SliceSet, patients: list[str], info: MethodInfo,
-    workers: int, cache_s: float,
+    workers: int, cache_s: float, segmentation_trained: bool = True,
 ) -> dict[str, Any]:
-    """The run.json fields known at the start."""
+    """The run.json fields known at the start, the training data's profile (data/profile.py) included."""
     folder = slices.folder
+    from medcl_cli.data.profile import dataset_profile
     from medcl_cli.engine.runs import now
 
     return {
@@ -228,6 +239,8 @@ def run_info(
             "cases": len(slices.case_ids),
             "slices": int(len(slices.case)),
         },
+        "data_profile": dataset_profile(folder),
+        "segmentation_trained": segmentation_trained,
         "labeled_patients": patients,
         "init_from": str(req.init_from) if req.init_from else None,
         "data_workers": workers,
