@@ -49,10 +49,10 @@ def intensity_stats(arrays: list[np.ndarray]) -> dict[str, float]:
     """p1, p50, p99, mean and std of the voxels of some arrays (each regularly subsampled)."""
     parts = []
     for a in arrays:
-        flat = np.asarray(a, dtype=np.float32).ravel()
+        flat = np.asarray(a, dtype=np.float64).ravel()
         stride = max(1, flat.size // _MAX_VOXELS)
         parts.append(flat[::stride])
-    v = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    v = np.concatenate(parts) if parts else np.zeros(0, np.float64)
     v = v[np.isfinite(v)]
     if not v.size:
         return {}
@@ -101,3 +101,40 @@ def image_profile(image: sitk.Image, modality: str | None = None) -> dict[str, A
         "cases": 1,
         "spacing_mm": {"min": spacing, "max": spacing},
     }
+
+
+# cases.csv / meta.csv columns that describe the file, not the patient or the scan: never a contrastive label
+BOOKKEEPING = frozenset({
+    "time_index", "flags", "nonfinite_voxels", "series_number", "series_description", "series_uid_hash",
+    "modality", "source", "status", "orientation", "SeriesNumber", "SeriesDescription", "InstanceNumber",
+})
+MAX_CATEGORIES = 10  # more distinct values than this is an identifier or a measurement, not a category
+
+
+def categorical_meta(meta_names: list[str], meta_values: dict[str, list[str]], meta: np.ndarray,
+                     case: np.ndarray) -> tuple[str, ...]:
+    """The meta columns of a slice set (data/dataset.py SliceSet) that are categories of a case: text values
+    (not numbers: PatientAge, TriggerTime, SliceLocation are measurements), 2..MAX_CATEGORIES of them,
+    constant within each case, and not a bookkeeping column (BOOKKEEPING, `*_raw`). `patient` and
+    `slice_part` are left out: GCL's `auto` takes them anyway. Cardiac `phase` (ED/ES) is the typical one."""
+    out = []
+    for j, name in enumerate(meta_names):
+        values = meta_values.get(name, [])
+        if name in ("patient", "slice_part") or name in BOOKKEEPING or name.endswith("_raw"):
+            continue
+        if not 2 <= len(values) <= MAX_CATEGORIES or all(_is_number(v) for v in values):
+            continue
+        codes = meta[:, j]
+        keep = codes >= 0
+        pairs = np.unique(np.stack([case[keep], codes[keep]]), axis=1)  # distinct (case, value) pairs
+        if pairs.shape[1] == len(np.unique(case[keep])):  # one value per case
+            out.append(name)
+    return tuple(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

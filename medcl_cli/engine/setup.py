@@ -101,10 +101,15 @@ def build_method(
     net = build_unet(cfg.model, slices.num_classes)
     if init_from is not None:
         load_init(net, init_from, rep, slices.channel_names)
+    from medcl_cli.data.profile import categorical_meta
+
     spec = DataSpec(
-        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world
+        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world,
+        meta_categorical=categorical_meta(slices.meta_names, slices.meta_values, slices.meta, slices.case),
     )
     method = cls(net, cfg, spec).to(device)
+    for note in getattr(method, "notes", ()):  # what the method chose from the data (gcl: its meta labels)
+        rep.log(str(note))
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     if env.enabled:
