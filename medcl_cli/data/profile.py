@@ -49,9 +49,10 @@ def intensity_stats(arrays: list[np.ndarray]) -> dict[str, float]:
     """p1, p50, p99, mean and std of the voxels of some arrays (each regularly subsampled)."""
     parts = []
     for a in arrays:
-        flat = np.asarray(a, dtype=np.float64).ravel()
+        flat = np.asarray(a).ravel()
         stride = max(1, flat.size // _MAX_VOXELS)
-        parts.append(flat[::stride])
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf voxels are dropped below
+            parts.append(flat[::stride].astype(np.float64))
     v = np.concatenate(parts) if parts else np.zeros(0, np.float64)
     v = v[np.isfinite(v)]
     if not v.size:

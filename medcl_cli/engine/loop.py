@@ -42,6 +42,7 @@ from medcl_cli.engine.device import (
     resolve_device,
     resolve_precision,
 )
+from medcl_cli.engine.eta import WallEstimate
 from medcl_cli.engine.optim import build_optimizer, lr_at, set_lr
 from medcl_cli.engine.runs import (
     RunFolder,
@@ -206,6 +207,7 @@ def _fit(
     if start:
         rep.advance(req.stage, start)
     tick = time.perf_counter()
+    eta = WallEstimate(start, tcfg.steps)
     for t, batch in zip(range(start, tcfg.steps), loader):
         batch = _to_device(batch, device)
         gen = torch.Generator().manual_seed(int(tcfg.seed) * 1_000_003 + t)
@@ -251,6 +253,8 @@ def _fit(
                 run.metric(step, "train", k, v)
             run.metric(step, "train", "lr", opt.param_groups[0]["lr"])
         rep.advance(req.stage, 1, loss=values["loss"])
+        if (line := eta.observe(step)) is not None:
+            rep.log(line)
         # under DDP every rank stops at the same step (the flag travelled with the loss all-reduce)
         stopping = bool(vec[-1].item() > 0) or (not env.enabled and stop.set)
         end = step == tcfg.steps
