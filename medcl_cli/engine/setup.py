@@ -91,6 +91,16 @@ def check_init_channels(state: dict[str, Any], source: Path, names: list[str]) -
         )
 
 
+def data_spec(slices: SliceSet, stage: str, world_size: int = 1) -> DataSpec:
+    """What a method may know about the data (core/protocol.py), as the loop gives it."""
+    from medcl_cli.data.profile import categorical_meta
+
+    return DataSpec(
+        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=world_size,
+        meta_categorical=categorical_meta(slices.meta_names, slices.meta_values, slices.meta, slices.case),
+    )
+
+
 def build_method(
     cfg: Config, stage: str, slices: SliceSet, env: D.DistEnv, device: torch.device, init_from: Path | None, rep: Reporter
 ) -> tuple[nn.Module, MethodInfo]:
@@ -101,13 +111,7 @@ def build_method(
     net = build_unet(cfg.model, slices.num_classes)
     if init_from is not None:
         load_init(net, init_from, rep, slices.channel_names)
-    from medcl_cli.data.profile import categorical_meta
-
-    spec = DataSpec(
-        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world,
-        meta_categorical=categorical_meta(slices.meta_names, slices.meta_values, slices.meta, slices.case),
-    )
-    method = cls(net, cfg, spec).to(device)
+    method = cls(net, cfg, data_spec(slices, stage, env.world)).to(device)
     for note in getattr(method, "notes", ()):  # what the method chose from the data (gcl: its meta labels)
         rep.log(str(note))
     if device.type == "cuda":
