@@ -81,3 +81,20 @@ def test_modality_and_channel_mismatches_are_named():
     with pytest.raises(NotFitError) as exc:
         check_fit(NEAR, image_profile(img, "CT"), "scan.nii.gz", strict=True)
     assert exc.value.exit_code == 4
+
+
+def test_dataset_profile_reads_spacing_channels_and_true_intensities(tmp_path):
+    import numpy as np
+
+    from medcl_cli.data.folder import open_dataset
+    from medcl_cli.data.profile import dataset_profile
+
+    ds = open_dataset(V.write_dataset(tmp_path / "ds", {"a": "train", "b": "train", "c": "val"}))
+    prof = dataset_profile(ds)
+    assert prof["modality"] == "MR" and prof["n_channels"] == 1 and prof["cases"] == 2  # the train split
+    assert prof["spacing_mm"] == {"min": [0.7, 0.9, 3.5], "max": [0.7, 0.9, 3.5]}
+    voxels = np.concatenate([sitk.GetArrayFromImage(sitk.ReadImage(str(ds.image_path(c)))).ravel() for c in "ab"])
+    stats = prof["intensity"][0]  # small volumes: every voxel is used, so the numbers are exact
+    assert stats["p50"] == pytest.approx(np.percentile(voxels, 50), abs=1e-3)
+    assert stats["mean"] == pytest.approx(voxels.mean(), abs=1e-3) and stats["std"] == pytest.approx(voxels.std(), abs=1e-3)
+    assert dataset_profile(ds, "val")["cases"] == 1 and "intensity" not in dataset_profile(ds, intensity=False)

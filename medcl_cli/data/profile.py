@@ -84,7 +84,7 @@ def dataset_profile(folder: DatasetFolder, split: str | None = "train", intensit
         for cid in list(folder.cases["case_id"])[:INTENSITY_CASES]:
             try:
                 for k, path in enumerate(folder.channel_paths(cid)):
-                    per_channel[k].append(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))))
+                    per_channel[k].append(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))  # a copy: a view dies with its image
             except (RuntimeError, OSError, IndexError):  # a profile never fails a run: skip what cannot be read
                 continue
         profile["intensity"] = [intensity_stats(a) for a in per_channel]
