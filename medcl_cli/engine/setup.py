@@ -248,7 +248,7 @@ def run_info(
             "cases": len(slices.case_ids),
             "slices": int(len(slices.case)),
         },
-        "data_profile": dataset_profile(folder),
+        "data_profile": dataset_profile(folder) if req.dist.is_main else None,  # only rank 0 writes run.json
         "segmentation_trained": segmentation_trained,
         "labeled_patients": patients,
         "init_from": str(req.init_from) if req.init_from else None,
