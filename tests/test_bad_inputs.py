@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -311,7 +312,9 @@ def test_predict_on_dicom_corpus(dicom_run, tiny_run, capsys, tmp_path):
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert len(written) >= 5  # good series, mixed MR + CT, two evil-named series, DICOMDIR images
     assert all(p.resolve().parent == out.resolve() for p in tmp_path.rglob("*") if p.is_file())
-    assert not any("evil" in n or "pwn" in n for n in written)
+    # a description becomes at most a sanitised part of the name ('../../evil' -> series_0003_evil): never a path
+    assert all(re.fullmatch(r"series_[A-Za-z0-9_-]+\.nii\.gz", n) for n in written), written
+    assert not any("pwn" in n for n in written)  # PatientID is no part of a name
 
 
 # ---------------------------------------------------------------- hand-edited datasets: validate, finetune, evaluate

@@ -89,7 +89,8 @@ def test_tcia_meta_per_slice(tcia):
     loc = first["SliceLocation"].astype(float).to_numpy()
     assert np.all(np.abs(np.diff(loc)) == pytest.approx(6.5, abs=1e-3))  # ordered like the z axis
     info = __import__("json").loads((ds / "dataset.json").read_text())
-    assert info["labels"] == {"0": "background", "1": "class_1"} and info["counts"]["cases"] == 10
+    # the class takes the mask series' SeriesDescription, not class_1
+    assert info["labels"] == {"0": "background", "1": "Mask_Tumor"} and info["counts"]["cases"] == 10
 
 
 def test_qa_folders_equal_to_dcm2niix(shared_data, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -115,7 +116,10 @@ def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys, 
     side = json.loads((out / f"{name}.json").read_text())
     assert side["dicom_seg"] == seg_path.name and side["format"] == "dicom-seg"
     seg = pydicom.dcmread(str(seg_path))
-    assert seg.Modality == "SEG" and str(seg.PatientName).rstrip("^") == name and "Doe" not in seg_path.read_bytes().decode("latin1")
+    # the SEG's patient is the series' UID pseudonym (unique per series), the file is named after the series
+    pseudonym = str(seg.PatientName).rstrip("^")
+    assert seg.Modality == "SEG" and re.fullmatch(r"series_[0-9a-f]{12}", pseudonym) and seg.PatientID == pseudonym
+    assert "Doe" not in seg_path.read_bytes().decode("latin1") and name.startswith("series_")
     assert seg.SegmentSequence[0].SegmentLabel == "blob"
     frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     assert len(frames) == len(files)  # one frame per source image (one foreground class)

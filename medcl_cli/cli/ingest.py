@@ -87,11 +87,12 @@ def ingest(
     skipped = {k: v for k, v in res.reasons.items() if not k.startswith(("ok", "label"))}
     if as_json:
         console.result(json.dumps({"dataset": str(res.out), "cases": res.cases, "labelled": res.labelled,
-                                   "splits": res.splits, "failed": res.failed, "ignored": res.ignored,
+                                   "splits": res.splits, "split_patients": res.split_patients, "failed": res.failed, "ignored": res.ignored,
                                    "reasons": skipped, "missing_meta": res.missing_meta}, indent=2))
     else:
         console.result(str(res.out))
-        splits = ", ".join(f"{k} {v}" for k, v in res.splits.items() if v)
+        splits = ", ".join(f"{k} {v} ({res.split_patients.get(k, 0)} patient{'' if res.split_patients.get(k) == 1 else 's'})"
+                           for k, v in res.splits.items() if v)
         console.result(f"cases: {res.cases} ({res.labelled} labelled; {splits})")
         console.result(f"skipped: {res.failed} failed, {res.ignored} ignored"
                        + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(skipped.items()))})" if skipped else ""))

@@ -74,6 +74,7 @@ class IngestResult:
     ignored: int  # expected skips: non-DICOM files, localizers, SR/PR/KO
     reasons: dict[str, int]
     missing_meta: dict[str, int]
+    split_patients: dict[str, int] = field(default_factory=dict)  # distinct patients per split
 
     @property
     def partial(self) -> bool:
@@ -130,10 +131,10 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
     out = req.out.resolve()
     _check_output(out, req.overwrite)
     _remove_stale_work(out)
-    work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # the owner's pid is in the folder's name (no .pid file inside it that could reach the dataset)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     (work / "images").mkdir(parents=True)
     (work / "labels").mkdir()
-    (work / ".pid").write_text(str(os.getpid()))
     try:
         result = _ingest_into(req, work, out, keywords, public, phi, meta_table, split_map, rep)
         _swap_into_place(work, out)
@@ -146,9 +147,13 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
 def _remove_stale_work(out: Path) -> None:
     """Delete the half-written work folders of ingests into `out` that were killed (kill -9, power loss):
     their process is gone, so nothing will finish or clean them."""
+    import re
+
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         try:
-            pid = int((stale / ".pid").read_text())
+            named = re.fullmatch(re.escape(f".{out.name}.tmp-") + r"(\d+)-[0-9a-f]{8}", stale.name)
+            # an older medcl kept the pid in a `.pid` file inside the folder
+            pid = int(named.group(1)) if named else int((stale / ".pid").read_text())
             os.kill(pid, 0)
             if pid != os.getpid():
                 continue  # another ingest into the same --out is running: leave it alone
@@ -159,8 +164,12 @@ def _remove_stale_work(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+WORK_FILES = (".masks", ".channels")  # the work folder's own scratch: none of it reaches the finished dataset
+
+
 def _swap_into_place(work: Path, out: Path) -> None:
-    shutil.rmtree(work / ".masks", ignore_errors=True)
+    for name in WORK_FILES:
+        shutil.rmtree(work / name, ignore_errors=True)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -184,6 +193,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     n_channels = max(len(req.channels), 1)
     channel_files: dict[str, list[Path]] = {}
     channel_notes: dict[str, list[str]] = {}
+    channel_series: dict[str, list[tuple[str, str]]] = {}
     if req.channels:
         from medcl_cli.data.channels_nifti import ingest_nifti_channels
 
@@ -218,6 +228,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             dicom_cases = [m.case for m in merged]
             channel_files.update({m.case.case_id: m.files for m in merged})
             channel_notes.update({m.case.case_id: m.notes for m in merged})
+            channel_series.update({m.case.case_id: m.series for m in merged})
             drows += study_rows
     rows = [ReportRow(display(i.source.label()), "file", i.status, i.reason) for i in walked.issues] + rows + drows
     salt = hashlib.sha256("\n".join(sorted({f.study for f in frames})).encode()).hexdigest()
@@ -237,7 +248,9 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             "label": f"labels/{c.case_id}.nii.gz" if c.label else "", "patient": patient,
             "spacing_x": c.conv.spacing[0], "spacing_y": c.conv.spacing[1], "spacing_z": c.conv.spacing[2],
             "size_x": c.conv.size[0], "size_y": c.conv.size[1], "size_z": c.conv.size[2],
-            "source": "dicom", "modality": c.plan.modality, "time_index": c.plan.time_index,
+            "source": "dicom", "modality": c.plan.modality,
+            **_series_columns(channel_series.get(c.case_id) or [(c.plan.series_number, c.plan.description)], redact),
+            "time_index": c.plan.time_index,
             "flags": "; ".join([*c.conv.flags, *channel_notes.get(c.case_id, [])]), "nonfinite_voxels": c.conv.nonfinite,
         })
         mrows, prows = dicom_meta_rows(c, public, phi)
@@ -288,10 +301,11 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     counts = {"cases": n_cases, "labelled": labelled, "slices": len(meta_rows),
               **{s: sum(1 for r in case_rows if r["split"] == s) for s in ("train", "val", "test")}}
     missing_meta = {k: sum(1 for m in meta_rows if m.get(k, "") == "") for k in public}
+    split_patients = {s: len({r["patient"] for r in case_rows if r["split"] == s}) for s in ("train", "val", "test")}
     info = {
         "format_version": FORMAT_VERSION, "name": out.name, "labels": label_map(values, names),
         "modality": "/".join(sorted({r["modality"] for r in case_rows if r["modality"]})) or "unknown",
-        "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts,
+        "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts, "split_patients": split_patients,
         "meta_columns": meta_cols[3:], "missing_meta": missing_meta,
     }
     if req.channels:
@@ -301,16 +315,28 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     write_rows_atomic([r.__dict__ for r in rows], report_cols, work / "ingest_report.csv")
     write_json_atomic(info, work / "dataset.json")
     if req.allow_phi and (phi or id_map):
-        (work / "private").mkdir()
+        # PHI: owner-only whatever the umask (everything else follows the umask, so a team can share it)
+        (work / "private").mkdir(mode=0o700)
+        os.chmod(work / "private", 0o700)
         write_rows_atomic(id_map, ["case_id", "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
                                    "files"], work / "private" / "id_map.csv")
         if phi:
             write_rows_atomic(private_rows, ["case_id", "slice", *phi], work / "private" / "meta_phi.csv")
+        for f in (work / "private").iterdir():
+            os.chmod(f, 0o600)
     statuses = Counter(r.status for r in rows)
     failed = sum(v for k, v in statuses.items() if k.startswith("failed"))
     ignored = sum(v for k, v in statuses.items() if k.startswith("ignored"))
     return IngestResult(out, n_cases, labelled, {s: counts[s] for s in ("train", "val", "test")},
-                        failed, ignored, dict(statuses), missing_meta)
+                        failed, ignored, dict(statuses), missing_meta, split_patients)
+
+
+def _series_columns(series: list[tuple[str, str]], redact: Redactor) -> dict[str, str]:
+    """cases.csv's series_number and series_description (a multi-channel case's joined with `+`); a
+    description the PHI guard flags (a patient name, a date) is left empty rather than half-redacted."""
+    flagged = any(redact.flags(d) for _, d in series)
+    return {"series_number": "+".join(n for n, _ in series),
+            "series_description": "" if flagged else "+".join(d for _, d in series)}
 
 
 def _join_and_split(cases: list[dict[str, Any]], meta: list[dict[str, Any]], table: MetaTable | None,

@@ -191,3 +191,20 @@ class Redactor:
             alts = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in alts), re.IGNORECASE)
         return self._pattern.sub("<redacted>", text)
+
+    def flags(self, text: str) -> bool:
+        """True when `text` holds a PHI value seen in the headers, or a calendar date (a date of care)."""
+        return bool(text) and (self(text) != text or _DATE.search(text) is not None)
+
+    def scrub(self, text: str) -> str:
+        """`text` with the PHI values and the calendar dates in it replaced by `<redacted>` (a path)."""
+        return _DATE.sub("<redacted>", self(text)) if text else text
+
+    def keep(self, text: str) -> str:
+        """`text` where it is clean, else "": for a field that is worth nothing half-redacted (a series
+        description in cases.csv, a class name, an output file name)."""
+        return "" if self.flags(text) else text
+
+
+# 19910304, 1991-03-04, 04.03.1991, 03/04/1991: dates in free text (a series description, a file name)
+_DATE = re.compile(r"(?<!\d)(?:(?:19|20)\d\d[-./]?[01]\d[-./]?[0-3]\d|[0-3]?\d[-./][01]?\d[-./](?:19|20)\d\d)(?!\d)")

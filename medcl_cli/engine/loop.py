@@ -34,6 +34,7 @@ from medcl_cli.data.batches import (
     mark_labeled,
 )
 from medcl_cli.data.dataset import open_slices
+from medcl_cli.data.folder import split_summary
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.device import (
@@ -196,6 +197,7 @@ def _fit(
         f"{req.stage} {cfg.method}: {tcfg.steps} steps, batch {tcfg.batch_size}{mix_note}, "
         f"{len(patients)} labelled patient(s), {int(slices.split_mask('train').sum())} training slices"
     )
+    rep.log(f"splits: {split_summary(slices.folder.split_counts())}")
     local_rows = torch.from_numpy(sampler.local_rows())
     timers = {"data": 0.0, "step": 0.0, "val": 0.0, "t0": t0, "wall0": 0.0, "train0": 0.0}
     if req.resume:  # wall and training seconds continue from the killed run's last checkpoint

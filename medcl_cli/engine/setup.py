@@ -247,6 +247,7 @@ def run_info(
             "fingerprint": folder.fingerprint(),
             "cases": len(slices.case_ids),
             "slices": int(len(slices.case)),
+            "splits": folder.split_counts(),  # {split: {cases, patients}}
         },
         "data_profile": dataset_profile(folder) if req.dist.is_main else None,  # only rank 0 writes run.json
         "segmentation_trained": segmentation_trained,

@@ -50,6 +50,7 @@ def sidecar(model: LoadedModel, item: PredictInput, out_img: sitk.Image, fmt: st
     """What the JSON beside each mask records: model, input hash, label map and the grid written."""
     return {
         "name": item.name,
+        "input": item.given,  # the path as given on the command line (a DICOM series: the folder holding it)
         "input_kind": item.kind,
         "input_sha256": sha256_files(item.files),
         "input_files": len(item.files),
@@ -129,7 +130,9 @@ def predict_all(
                 from medcl_cli.predict.seg_writer import write_dicom_seg
 
                 seg_path = out / f"{item.name}.seg.dcm"
-                write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi, item.frames)
+                # the SEG's patient is the series' UID pseudonym: unique per series, unlike a readable name
+                write_dicom_seg(label, image, item.files, model, seg_path, item.pseudonym or item.name, allow_phi,
+                                item.frames)
                 extra["dicom_seg"] = seg_path.name
             write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)
