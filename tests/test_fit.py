@@ -98,3 +98,22 @@ def test_dataset_profile_reads_spacing_channels_and_true_intensities(tmp_path):
     assert stats["p50"] == pytest.approx(np.percentile(voxels, 50), abs=1e-3)
     assert stats["mean"] == pytest.approx(voxels.mean(), abs=1e-3) and stats["std"] == pytest.approx(voxels.std(), abs=1e-3)
     assert dataset_profile(ds, "val")["cases"] == 1 and "intensity" not in dataset_profile(ds, intensity=False)
+
+
+def test_categorical_meta_keeps_case_categories_only():
+    import numpy as np
+
+    from medcl_cli.data.profile import categorical_meta
+
+    case = np.repeat(np.arange(4), 3)  # 4 cases x 3 slices
+    columns = {
+        "phase": (["ED", "ES"], np.repeat([0, 1, 0, 1], 3)),  # a category of each case: kept
+        "image_0001": ([f"images/c{i}_0001.nii.gz" for i in range(4)], np.repeat(np.arange(4), 3)),  # a file
+        "PatientAge": (["41", "51", "52"], np.repeat([0, 1, 2, 1], 3)),  # a measurement
+        "flags": (["gap", "tilt"], np.repeat([0, 1, 0, -1], 3)),  # bookkeeping
+        "scanner": (["A", "B"], np.tile([0, 1, 0], 4)),  # varies within a case
+        "site": (["X"], np.zeros(12, dtype=np.int64)),  # one value
+    }
+    names = list(columns)
+    meta = np.stack([columns[n][1] for n in names], axis=1)
+    assert categorical_meta(names, {n: columns[n][0] for n in names}, meta, case) == ("phase",)

@@ -15,6 +15,7 @@ they are informative only (volumes are normalised per case before the network se
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,7 @@ BOOKKEEPING = frozenset({
     "time_index", "flags", "nonfinite_voxels", "series_number", "series_description", "series_uid_hash",
     "modality", "source", "status", "orientation", "SeriesNumber", "SeriesDescription", "InstanceNumber",
 })
+_IMAGE_COLUMN = re.compile(r"^image_\d{4}$")  # the file of channel k of a multi-channel case (data/channels.py)
 MAX_CATEGORIES = 10  # more distinct values than this is an identifier or a measurement, not a category
 
 
@@ -116,12 +118,13 @@ def categorical_meta(meta_names: list[str], meta_values: dict[str, list[str]], m
                      case: np.ndarray) -> tuple[str, ...]:
     """The meta columns of a slice set (data/dataset.py SliceSet) that are categories of a case: text values
     (not numbers: PatientAge, TriggerTime, SliceLocation are measurements), 2..MAX_CATEGORIES of them,
-    constant within each case, and not a bookkeeping column (BOOKKEEPING, `*_raw`). `patient` and
+    constant within each case, and not a bookkeeping column (BOOKKEEPING, `*_raw`, the `image_0001`.. file
+    columns of a multi-channel dataset). `patient` and
     `slice_part` are left out: GCL's `auto` takes them anyway. Cardiac `phase` (ED/ES) is the typical one."""
     out = []
     for j, name in enumerate(meta_names):
         values = meta_values.get(name, [])
-        if name in ("patient", "slice_part") or name in BOOKKEEPING or name.endswith("_raw"):
+        if name in ("patient", "slice_part") or name in BOOKKEEPING or name.endswith("_raw") or _IMAGE_COLUMN.match(name):
             continue
         if not 2 <= len(values) <= MAX_CATEGORIES or all(_is_number(v) for v in values):
             continue
