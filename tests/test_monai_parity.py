@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from medcl_cli.evaluate import metrics as M
