@@ -25,6 +25,7 @@ from medcl_cli.data.io import (
     write_image,
 )
 from medcl_cli.errors import MedclError, OutputError, UsageError
+from medcl_cli.predict.fit import NotFitError, check_fit, require_trained_head
 from medcl_cli.predict.inference import (
     DEFAULT_BATCH,
     LoadedModel,
@@ -78,8 +79,13 @@ def predict_all(
     batch_size: int = DEFAULT_BATCH,
     allow_phi: bool = False,
     reporter: Reporter | None = None,
+    strict: bool = False,
 ) -> PredictResult:
-    """Segment every input into `out`; finished cases (sidecar present) are skipped unless `overwrite`."""
+    """Segment every input into `out`; finished cases (sidecar present) are skipped unless `overwrite`.
+
+    Each input is compared with the run's training data (predict/fit.py): a mismatch is a warning in the
+    log and the sidecar (`fit_warnings`), or with `strict` a NotFitError that stops the run (exit 4)."""
+    require_trained_head(model.segmentation_trained, str(model.run_dir), model.method)
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     if fmt == "dicom-seg":
@@ -111,9 +117,15 @@ def predict_all(
             continue
         try:
             image = item.load()
+            from medcl_cli.data.profile import image_profile
+
+            extra: dict[str, Any] = {}
+            notes = check_fit(model.profile, image_profile(image, item.info.get("modality")), item.display, strict)
+            if notes:
+                rep.log(f"{item.display}: {'; '.join(notes)} (the mask may be poor; --strict refuses it)", "warning")
+                extra["fit_warnings"] = notes
             label = predict_image(model, image, batch_size)
             write_image(label, nii)
-            extra: dict[str, Any] = {}
             if fmt == "dicom-seg":
                 from medcl_cli.predict.seg_writer import write_dicom_seg
 
@@ -125,6 +137,8 @@ def predict_all(
             write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)
             rep.advance(TASK, 1, case=item.name)
+        except NotFitError:
+            raise
         except MedclError as exc:
             res.failed.append((item.display, exc.message))
             rep.log(f"{item.display}: {exc.message}", "warning")
