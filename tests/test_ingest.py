@@ -282,3 +282,12 @@ def test_pydicom_multiframe_folder_equal_to_dcm2niix(shared_data, tmp_path):
         assert len(hits) == 1 and hits[0][1] < 1e-3, (row["case_id"], hits)
     report = pd.read_csv(tmp_path / "ds" / "ingest_report.csv", keep_default_na=False)
     assert (report["status"] == "failed:no-geometry").sum() == 1 and res.partial
+
+
+def test_next_hint_fits_a_dataset_without_masks(shared_data, tmp_path, capsys):
+    """A dataset with no masks is led to pretraining, not to a fine-tuning that has nothing to learn from."""
+    nih = shared_data("dcm_qa_nih_ge_siemens_epi")
+    r = cli(capsys, "ingest", str(nih / "Siemens_mr_0003"), "--out", str(tmp_path / "ds"))
+    assert r.exit_code == 0, r.output
+    assert "(0 labelled;" in r.stdout
+    assert "next: medcl pretrain --data" in r.stdout and "medcl finetune" not in r.stdout

@@ -114,7 +114,11 @@ def ingest(
         missing = {k: v for k, v in res.missing_meta.items() if v}
         if missing:
             console.result("missing meta values (slices): " + ", ".join(f"{k} {v}" for k, v in missing.items()))
-        console.result(f"next: medcl finetune --data {res.out} --out runs/finetune")
+        if res.labelled:
+            console.result(f"next: medcl finetune --data {res.out} --out runs/finetune")
+        else:  # no masks: fine-tuning has nothing to learn from, pretraining does
+            console.result(f"next: medcl pretrain --data {res.out} --method gcl --out runs/gcl"
+                           " (no masks yet: fine-tuning needs --label-series or --labels)")
     if res.partial:
         raise PartialSuccess(
             f"{res.failed} input(s) could not become cases; the dataset holds the other {res.cases}",
