@@ -140,3 +140,21 @@ def test_resume_command_extends_a_run_with_its_labelled_set(tiny_dataset, tmp_pa
     assert info["steps_done"] == 3 and info["resumed"][0]["at_step"] == 2
     assert info["labeled_patients"] == first["labeled_patients"] and len(first["labeled_patients"]) == 1
     assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_evaluate_hint_names_a_split_that_has_cases(tiny_dataset, tmp_path):
+    """After fine-tuning, the printed `medcl evaluate` names the held-out split there is; a dataset with no
+    val or test case (one patient) is pointed at its training cases, not at an empty split."""
+    import shutil
+
+    import pandas as pd
+
+    from medcl_cli.engine.training import evaluate_hint
+
+    assert evaluate_hint(tmp_path / "ft", tiny_dataset).endswith(f"--data {tiny_dataset} --split val --report")
+    one = tmp_path / "one"
+    shutil.copytree(tiny_dataset, one, ignore=shutil.ignore_patterns(".cache*", "cache*"))
+    cases = pd.read_csv(one / "cases.csv", keep_default_na=False)
+    cases["split"] = "train"
+    cases.to_csv(one / "cases.csv", index=False)
+    assert evaluate_hint(tmp_path / "ft", one).endswith("--split train --report")

@@ -49,6 +49,7 @@ def test_readme_chain_on_tcia_brain_dicom(tcia_data, shared_data, tmp_path, caps
     code, _, err = V.run_cli(capsys, "finetune", "--data", str(ds), "--init-from", str(gcl), "--out", str(ft),
                              "--steps", "4", *TINY, "--set", "train.val_every=0")
     assert code == 0, err
+    assert f"next: medcl evaluate {ft} --data {ds} --split val --report" in err  # the held-out split there is
     info = json.loads((ft / "run.json").read_text())
     prof = info["data_profile"]
     assert info["segmentation_trained"] is True and prof["modality"] == "MR" and prof["n_channels"] == 1

@@ -141,8 +141,7 @@ def train(stage: str, opts: dict[str, Any], reporter: Reporter | None = None) ->
     if stage == "pretrain":
         nxt = finetune_hint(cfg.method, data, result.run_dir, opts.get("labeled"))
     else:
-        split = "test" if _has_split(data, "test") else "val"
-        nxt = f"medcl evaluate {result.run_dir} --data {data} --split {split} --report"
+        nxt = evaluate_hint(result.run_dir, data)
     return TrainOutcome(is_main=True, run_dir=result.run_dir, best=result.best, next_command=nxt)
 
 
@@ -158,6 +157,13 @@ def finetune_hint(method: str, data: Path, run_dir: Path, labeled: str | None) -
     if labeled is not None:
         parts.append(f"--labeled {labeled}")
     return " ".join([*parts, f"--out {run_dir}-ft"])
+
+
+def evaluate_hint(run_dir: Path, data: Path) -> str:
+    """The `medcl evaluate` command that follows a fine-tuning run: on the held-out split there is (test,
+    else val); a dataset too small for one (a single patient) has only its training cases to score."""
+    split = next((s for s in ("test", "val") if _has_split(data, s)), "train")
+    return f"medcl evaluate {run_dir} --data {data} --split {split} --report"
 
 
 def _has_split(data: Path, split: str) -> bool:
