@@ -135,6 +135,12 @@ def test_acdc_runner_learning_curves_and_resume(shared_data, tmp_path):
     png = out / "arco" / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = {k: row[k]["seconds"] for k in ("pretrain", "finetune", "evaluate")}
+    # benchmarks/curves.py: the same points from the run folders, one figure and a table
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curves.py"), str(out), "--out",
+                          str(tmp_path / "all.png")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| arco | 1 | pretrain | 4 |" in res.stdout and "| arco | 1 | finetune | 8 |" in res.stdout  # after its 4 steps
+    assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a finished benchmark resumed: every stage kept (same timings, nothing run again)
     ft = out / "arco" / "labeled_1" / "finetune"
