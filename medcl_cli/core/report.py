@@ -47,3 +47,22 @@ class ListReporter(NullReporter):
 
     def log(self, message: str, level: str = "info") -> None:
         self.lines.append((level, message))
+
+
+class ForwardingReporter:
+    """Passes progress on to `inner`; a subclass changes what happens to log lines (scrubbed, copied)."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.inner.log(message, level)
+
+    def start(self, task: str, total: int | None) -> None:
+        self.inner.start(task, total)
+
+    def advance(self, task: str, n: int = 1, **fields: object) -> None:
+        self.inner.advance(task, n, **fields)
+
+    def finish(self, task: str) -> None:
+        self.inner.finish(task)

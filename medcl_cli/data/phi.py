@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from medcl_cli.core.report import Reporter
+from medcl_cli.core.report import ForwardingReporter, Reporter
 
 FREE_TEXT_VRS = frozenset({"LO", "LT", "ST", "UT", "SH", "PN", "UC"})
 TIME_VRS = frozenset({"DA", "DT", "TM"})
@@ -234,23 +234,15 @@ class Scrubber:
 _DATE_IN_TEXT = re.compile(r"(?<!\d)(?:(?:19|20)\d\d[-./]?[01]\d[-./]?[0-3]\d|[0-3]?\d[-./][01]?\d[-./](?:19|20)\d\d)(?!\d)")
 
 
-class ScrubbedReporter:
+class ScrubbedReporter(ForwardingReporter):
     """A Reporter (core/report.py) whose log lines go through a Scrubber first."""
 
     def __init__(self, inner: Reporter, scrub: Callable[[str], str]) -> None:
-        self.inner, self.scrub = inner, scrub
+        super().__init__(inner)
+        self.scrub = scrub
 
     def log(self, message: str, level: str = "info") -> None:
         self.inner.log(self.scrub(message), level)
-
-    def start(self, task: str, total: int | None) -> None:
-        self.inner.start(task, total)
-
-    def advance(self, task: str, n: int = 1, **fields: object) -> None:
-        self.inner.advance(task, n, **fields)
-
-    def finish(self, task: str) -> None:
-        self.inner.finish(task)
 
 
 START, END = "<!-- phi-table:start -->\n", "<!-- phi-table:end -->"

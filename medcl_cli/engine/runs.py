@@ -17,7 +17,7 @@ from medcl_cli.core.files import (
     remove_stale_temporaries,
     safe_row,
 )
-from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.core.report import ForwardingReporter, NullReporter, Reporter
 from medcl_cli.core.runfolder import (
     RUN_JSON,
     read_run_info,
@@ -149,25 +149,16 @@ class RunFolder:
             self.log_line("warning", f"curves.png not written: {exc}")
 
 
-class RunReporter:
+class RunReporter(ForwardingReporter):
     """A Reporter that forwards to the console reporter and copies log lines into log.txt."""
 
     def __init__(self, inner: Reporter | None, run: RunFolder, active: bool = True) -> None:
-        self.inner: Reporter = inner if (inner is not None and active) else NullReporter()
+        super().__init__(inner if (inner is not None and active) else NullReporter())
         self.run = run
 
     def log(self, message: str, level: str = "info") -> None:
         self.run.log_line(level, message)
         self.inner.log(message, level)
-
-    def start(self, task: str, total: int | None) -> None:
-        self.inner.start(task, total)
-
-    def advance(self, task: str, n: int = 1, **fields: object) -> None:
-        self.inner.advance(task, n, **fields)
-
-    def finish(self, task: str) -> None:
-        self.inner.finish(task)
 
 
 def plot_curves(root: Path) -> Path | None:
