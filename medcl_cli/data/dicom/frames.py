@@ -156,7 +156,7 @@ def _raw_layout(ds: pydicom.Dataset, tsyntax: str, offset: int) -> tuple[int, st
     signed = int(_get(ds, "PixelRepresentation", 0) or 0) == 1
     dtype = f"<{'i' if signed else 'u'}{alloc // 8}"
     stored = int(_get(ds, "BitsStored", alloc) or alloc)
-    return offset + header, dtype, stored, int(ds.Rows) * int(ds.Columns) * alloc // 8
+    return offset + header, dtype, stored, int(_get(ds, "Rows")) * int(_get(ds, "Columns")) * alloc // 8
 
 
 def frames_of(ds: pydicom.Dataset, src: Source, keywords: tuple[str, ...], tsyntax: str, forced: bool,

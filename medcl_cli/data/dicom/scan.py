@@ -22,11 +22,13 @@ from pydicom.errors import InvalidDicomError
 
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.dicom.frames import frames_of
+from medcl_cli.data.dicom.rawheader import read_raw
 from medcl_cli.data.dicom.source import Source
 from medcl_cli.data.io import is_volume_file
 
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 BATCH = 32  # files per pool task: amortises pickling without hurting load balance
+FAST_HEADERS = True  # read common headers with rawheader (tests compare both paths)
 SERIAL_BELOW = 96  # fewer files than this are read in-process (a pool costs more than it saves)
 
 
@@ -83,7 +85,7 @@ def _dangling(p: Path) -> bool:
     return p.is_symlink() and not p.exists()
 
 
-def _expected_pixel_bytes(ds: pydicom.Dataset) -> int:
+def _expected_pixel_bytes(ds: Any) -> int:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -99,38 +101,45 @@ def read_header(src: Source, keywords: tuple[str, ...]) -> list[Any]:
     except (OSError, zipfile.BadZipFile, KeyError) as exc:
         return [FileIssue(src, "failed:unreadable", f"cannot open: {exc}")]
     forced = False
+    ds: Any
     try:
         with fp:
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            except InvalidDicomError:
+            raw = read_raw(fp) if FAST_HEADERS else None
+            if raw is not None:
+                ds, media_sop, tsyntax, pixel_offset = raw, raw.media_sop_class, raw.tsyntax, raw.pixel_offset
+            else:
                 fp.seek(0)
                 try:
-                    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-                except Exception:  # noqa: BLE001 - anything here means "not DICOM"
-                    return [FileIssue(src, "ignored:not-dicom", "not a DICOM file")]
-                if "SOPClassUID" not in ds or ("Rows" not in ds and "Modality" not in ds):
-                    return [FileIssue(src, "ignored:not-dicom", "not a DICOM file")]
-                forced = True
-            pixel_offset = fp.tell()
+                    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+                except InvalidDicomError:
+                    fp.seek(0)
+                    try:
+                        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                    except Exception:  # noqa: BLE001 - anything here means "not DICOM"
+                        return [FileIssue(src, "ignored:not-dicom", "not a DICOM file")]
+                    if "SOPClassUID" not in ds or ("Rows" not in ds and "Modality" not in ds):
+                        return [FileIssue(src, "ignored:not-dicom", "not a DICOM file")]
+                    forced = True
+                pixel_offset = fp.tell()
+                meta = getattr(ds, "file_meta", None)
+                media_sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+                tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     except Exception as exc:  # noqa: BLE001 - a broken file is reported, never fatal
         return [FileIssue(src, "failed:corrupt", f"DICOM header cannot be parsed: {type(exc).__name__}: {exc}")]
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+    if media_sop == "1.2.840.10008.1.3.10":
         return [FileIssue(src, "ignored:dicomdir", "DICOMDIR index file (the images are read directly)")]
     if "SOPClassUID" not in ds and "Rows" not in ds and "Modality" not in ds:
         return [FileIssue(src, "failed:corrupt", "DICOM preamble but no readable image header (damaged file)")]
-    tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if "Rows" in ds and tsyntax in UNCOMPRESSED | {""} and "FloatPixelData" not in ds:
-        need = _expected_pixel_bytes(ds)
-        if need and pixel_offset + 8 + need > size:
-            have = max(0, size - pixel_offset - 8)
-            issue = FileIssue(
-                src, "failed:truncated", f"file is truncated: {have} of {need} pixel bytes present",
-                series=str(ds.get("SeriesInstanceUID", "")),
-            )
-            return [issue]
     try:
+        if "Rows" in ds and tsyntax in UNCOMPRESSED | {""} and "FloatPixelData" not in ds:
+            need = _expected_pixel_bytes(ds)
+            if need and pixel_offset + 8 + need > size:
+                have = max(0, size - pixel_offset - 8)
+                issue = FileIssue(
+                    src, "failed:truncated", f"file is truncated: {have} of {need} pixel bytes present",
+                    series=str(ds.get("SeriesInstanceUID", "")),
+                )
+                return [issue]
         return list(frames_of(ds, src, keywords, tsyntax, forced, -1 if forced else pixel_offset))
     except Exception as exc:  # noqa: BLE001
         return [FileIssue(src, "failed:corrupt", f"DICOM header is inconsistent: {type(exc).__name__}: {exc}")]
