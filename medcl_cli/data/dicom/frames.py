@@ -81,7 +81,7 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tag(keyword: str) -> BaseTag:
     tag = tag_for_keyword(keyword)
     if tag is None:

@@ -53,7 +53,7 @@ class _Unsure(Exception):
 
 
 class RawElement:
-    __slots__ = ("tag", "VR", "value")
+    __slots__ = ("VR", "tag", "value")
 
     def __init__(self, tag: int, vr: str, value: Any) -> None:
         self.tag, self.VR, self.value = tag, vr, value
@@ -67,7 +67,7 @@ def _dict_vr(tag: int) -> str:
         return "UN"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tag_of(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     if tag is None:
