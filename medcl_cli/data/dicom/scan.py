@@ -21,6 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom.dicomdir import is_dicomdir_name, read_dicomdir
 from medcl_cli.data.dicom.frames import frames_of
 from medcl_cli.data.dicom.rawheader import read_raw
 from medcl_cli.data.dicom.source import Source
@@ -76,9 +77,31 @@ def walk_inputs(paths: Iterable[Path]) -> Walked:
                     out.issues.append(FileIssue(Source(str(p)), "failed:corrupt", f"unreadable zip archive: {exc}"))
                     continue
                 out.dicom.extend(Source(str(p), n) for n in names if not n.startswith("__MACOSX/"))
+            elif is_dicomdir_name(p):
+                _add_dicomdir(p, out, seen)
             else:
                 out.dicom.append(Source(str(p)))
     return out
+
+
+def _add_dicomdir(p: Path, out: Walked, seen: set[str]) -> None:
+    """The files a DICOMDIR references join the DICOM candidates (once); missing ones become report rows."""
+    index = read_dicomdir(p)
+    for f in index.found:
+        key = str(f.resolve())
+        if key not in seen:
+            seen.add(key)
+            out.dicom.append(Source(str(f)))
+    for m in index.missing:
+        out.issues.append(FileIssue(Source(str(m)), "failed:missing",
+                                    f"referenced by the DICOMDIR {p.name} in {p.parent.name or p.parent} but not found"))
+    if index.error and not index.found:
+        out.issues.append(FileIssue(Source(str(p)), "failed:corrupt", index.error))
+        return
+    note = f"; {len(index.missing)} referenced file(s) missing" if index.missing else ""
+    extra = f"; {index.error}" if index.error else ""
+    out.issues.append(FileIssue(Source(str(p)), "ignored:dicomdir",
+                                f"DICOMDIR index of {len(index.found)} file(s), each read directly{note}{extra}"))
 
 
 def _dangling(p: Path) -> bool:
