@@ -139,9 +139,11 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return vals.get("Pss", 0), vals.get("Rss", 0)
 
 
-def peak_tree_mb(cmd: list[str]) -> tuple[float, float, float, int]:
-    """(wall s, peak MB of the summed PSS and of the summed RSS of the process tree, exit code), sampled
-    every 20 ms. PSS counts pages shared by forked workers once; RSS counts them in every worker."""
+def peak_tree_mb(cmd: list[str]) -> tuple[float, float, float, float, int]:
+    """(wall s, CPU s of the tree, peak MB of the summed PSS and of the summed RSS of the process tree, exit
+    code), sampled every 20 ms. PSS counts pages shared by forked workers once; RSS counts them in every
+    worker. CPU time (user + system, workers included) is the number that carries over to an idle machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pss = rss = 0
@@ -149,7 +151,10 @@ def peak_tree_mb(cmd: list[str]) -> tuple[float, float, float, int]:
         mems = [_mem_kb(p) for p in _tree(proc.pid)]
         pss, rss = max(pss, sum(m[0] for m in mems)), max(rss, sum(m[1] for m in mems))
         time.sleep(0.02)
-    return time.perf_counter() - t0, pss / 1024, rss / 1024, proc.returncode
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, pss / 1024, rss / 1024, proc.returncode
 
 
 def scale(n: int, out: Path, repeats: int) -> int:
@@ -159,41 +164,46 @@ def scale(n: int, out: Path, repeats: int) -> int:
         vols = write_synthetic(src / "dicom", n)
         np.savez(src / "volumes.npz", *vols)
     vols = list(np.load(src / "volumes.npz").values())
-    d2n: list[tuple[float, float, float]] = []
-    med: list[tuple[float, float, float]] = []
+    d2n: list[tuple[float, float, float, float]] = []
+    med: list[tuple[float, float, float, float]] = []
     for _ in range(repeats):
         d2n_out = out / "scale.d2n"
         shutil.rmtree(d2n_out, ignore_errors=True)
         d2n_out.mkdir()
-        t, pss, rss, rc = peak_tree_mb([_bin("dcm2niix"), "-z", "y", "-b", "n", "-f", "%s_%d", "-o",
-                                        str(d2n_out), str(src / "dicom")])
-        d2n.append((t, pss, rss))
+        t, cpu, pss, rss, rc = peak_tree_mb([_bin("dcm2niix"), "-z", "y", "-b", "n", "-f", "%s_%d", "-o",
+                                             str(d2n_out), str(src / "dicom")])
+        if rc != 0:
+            print(f"dcm2niix exited {rc}", file=sys.stderr)
+            return 1
+        d2n.append((t, cpu, pss, rss))
         # python -m medcl_cli: the checkout this script lives in (with PYTHONPATH), not another install's medcl
-        t, pss, rss, rc = peak_tree_mb([sys.executable, "-m", "medcl_cli", "ingest", str(src / "dicom"), "--out",
-                                        str(out / "scale.medcl"), "--overwrite"])
+        t, cpu, pss, rss, rc = peak_tree_mb([sys.executable, "-m", "medcl_cli", "ingest", str(src / "dicom"),
+                                             "--out", str(out / "scale.medcl"), "--overwrite"])
         if rc != 0:
             print(f"medcl ingest exited {rc}", file=sys.stderr)
             return 1
-        med.append((t, pss, rss))
+        med.append((t, cpu, pss, rss))
     cases = pd.read_csv(out / "scale.medcl" / "cases.csv")
     identical = 0
     for i, row in cases.iterrows():
         arr = np.asarray(nib.load(out / "scale.medcl" / row["image"]).dataobj)  # x, y, z
         identical += int(np.array_equal(arr.transpose(2, 1, 0), vols[i]))
     t_d, t_m = statistics.median(r[0] for r in d2n), statistics.median(r[0] for r in med)
+    c_d, c_m = statistics.median(r[1] for r in d2n), statistics.median(r[1] for r in med)
     ratios = [m[0] / d[0] for d, m in zip(d2n, med)]
     result = {"files": n, "series": len(vols), "dcm2niix_s": [r[0] for r in d2n], "medcl_s": [r[0] for r in med],
               "ratio": statistics.median(ratios), "pair_ratios": ratios,
-              "dcm2niix_peak_pss_mb": max(r[1] for r in d2n), "dcm2niix_peak_rss_mb": max(r[2] for r in d2n),
-              "medcl_peak_pss_mb": max(r[1] for r in med), "medcl_peak_rss_mb": max(r[2] for r in med),
+              "dcm2niix_cpu_s": [r[1] for r in d2n], "medcl_cpu_s": [r[1] for r in med], "cpu_ratio": c_m / c_d,
+              "dcm2niix_peak_pss_mb": max(r[2] for r in d2n), "dcm2niix_peak_rss_mb": max(r[3] for r in d2n),
+              "medcl_peak_pss_mb": max(r[2] for r in med), "medcl_peak_rss_mb": max(r[3] for r in med),
               "identical": identical, "volumes": len(cases), "date": time.strftime("%Y-%m-%d"),
               "load": os.getloadavg()[0]}
     print(f"load average at the end: {result['load']:.1f} on {os.cpu_count()} cores")
-    print("| files | series | dcm2niix s | medcl s | ratio (median of pairs) | dcm2niix peak PSS / RSS MB | "
-          "medcl peak PSS / RSS MB | identical |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {len(vols)} | {t_d:.2f} | {t_m:.2f} | {result['ratio']:.2f} | "
-          f"{result['dcm2niix_peak_pss_mb']:.0f} / {result['dcm2niix_peak_rss_mb']:.0f} | "
+    print("| files | series | dcm2niix s | medcl s | wall ratio (median of pairs) | dcm2niix CPU s | medcl CPU s | "
+          "CPU ratio | dcm2niix peak PSS / RSS MB | medcl peak PSS / RSS MB | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {n} | {len(vols)} | {t_d:.2f} | {t_m:.2f} | {result['ratio']:.2f} | {c_d:.2f} | {c_m:.2f} | "
+          f"{c_m / c_d:.2f} | {result['dcm2niix_peak_pss_mb']:.0f} / {result['dcm2niix_peak_rss_mb']:.0f} | "
           f"{result['medcl_peak_pss_mb']:.0f} / {result['medcl_peak_rss_mb']:.0f} | {identical}/{len(vols)} |")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return 0 if identical == len(vols) == len(cases) else 1

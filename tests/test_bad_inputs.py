@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from medcl_cli.data.dicom.volume import decoder_available
+from medcl_cli.data.dicom.codecs import decoder_available
 import dicomgen as g
 import volumes as V
 

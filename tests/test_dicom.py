@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from medcl_cli.config import IngestConfig
-from medcl_cli.data.dicom.volume import decoder_available
+from medcl_cli.data.dicom.codecs import decoder_available
 from medcl_cli.data.ingest import IngestRequest, ingest
 import dicomgen as g
 

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
+import pydicom.data
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -211,6 +212,21 @@ def test_missing_decoder_names_the_package_and_the_rest_is_ingested(shared_data,
     row = report[report["series_number"] == "1"].iloc[0]
     assert row["status"] == "failed:codec"
     assert "JPEG-LS Lossless" in row["reason"] and "pip install pyjpegls" in row["reason"]
+    assert res.cases == 1 and res.partial
+
+
+def test_twelve_bit_lossy_jpeg_is_refused_by_name(tmp_path):
+    """pydicom's real 12-bit JPEG Extended slice: no trusted decoder reads it; the reason says so."""
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("JPEG-lossy.dcm"))
+    ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]  # it has none
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "lossy12.dcm")
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), tmp_path / "in" / "ok.dcm")
+    cfg = IngestConfig(workers=1, keep_localizers=True)  # one slice each
+    res = ingest(IngestRequest(inputs=[tmp_path / "in"], out=tmp_path / "ds", cfg=cfg))
+    report = pd.read_csv(tmp_path / "ds" / "ingest_report.csv", dtype=str, keep_default_na=False)
+    row = report[report["status"] == "failed:codec"].iloc[0]
+    assert "JPEG Extended" in row["reason"] and "12-bit" in row["reason"] and "dcmdjpeg" in row["reason"]
     assert res.cases == 1 and res.partial
 
 

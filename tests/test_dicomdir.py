@@ -50,7 +50,7 @@ def _run(tmp: Path, inputs: list[Path]) -> tuple[object, pd.DataFrame, pd.DataFr
 def test_referenced_and_unreferenced_series_are_ingested(media, tmp_path):
     root, files = media
     assert (root / "DICOMDIR").exists() and not any(p.suffix for p in root.rglob("IM*"))
-    res, report, cases = _run(tmp_path, [root])
+    res, report, _ = _run(tmp_path, [root])
     assert res.cases == 3 and not res.partial  # T1post, FLAIRreg (referenced), mask (loose)
     ok = report[report["status"] == "ok"]
     assert sorted(ok["files"].astype(int)) == sorted([len(v) for v in files.values()] + [22])
@@ -59,8 +59,8 @@ def test_referenced_and_unreferenced_series_are_ingested(media, tmp_path):
 
 
 def test_dicomdir_alone_brings_its_files(media, tmp_path):
-    root, files = media
-    res, report, _ = _run(tmp_path, [root / "DICOMDIR"])
+    root, _ = media
+    res, _, _ = _run(tmp_path, [root / "DICOMDIR"])
     assert res.cases == 2 and not res.partial  # only what the index references: the loose series is not reached
 
 
@@ -79,7 +79,7 @@ def test_missing_referenced_files_are_reported_not_fatal(media, tmp_path):
 
 
 def test_lower_case_copy_of_the_media_still_matches(media, tmp_path):
-    root, files = media
+    root, _ = media
     for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
         if p.name != "DICOMDIR" and p.name != p.name.lower() and "loose" not in p.parts:
             p.rename(p.with_name(p.name.lower()))

@@ -29,7 +29,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import IS, DSfloat
 
-HEAD = 16384  # bytes read first; the rest of the file only when the header is longer
+HEAD = 8192  # bytes read first (most headers are shorter); doubled while the header goes on
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 IMPLICIT = "1.2.840.10008.1.2"
 NOT_LITTLE = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated: pydicom reads them
@@ -254,7 +254,8 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
 
 def _meta(buf: bytes) -> tuple[dict[int, str], int]:
     """File meta group 0002 (always explicit VR little endian): {tag: text value} and where it ends."""
-    pos, out = 132, {}
+    pos = 132
+    out: dict[int, str] = {}
     n = len(buf)
     while pos + 8 <= n:
         group, elem = _TAG.unpack_from(buf, pos)
@@ -298,14 +299,19 @@ def read_raw(fp: BinaryIO) -> RawHeader | None:
     The file position is left anywhere: the caller seeks back before a fallback."""
     try:
         buf = fp.read(HEAD)
-        try:
-            hdr = parse(buf, len(buf) < HEAD)
-        except _More:
-            if len(buf) < HEAD:  # the whole file is read already: it ends inside the header
-                return None
-            buf += fp.read()
-            hdr = parse(buf, True)
-    except (_More, _Unsure, struct.error, UnicodeDecodeError):
+        complete = len(buf) < HEAD
+        while True:
+            try:
+                hdr = parse(buf, complete)
+                break
+            except _More:
+                if complete:  # the file ends inside its header: pydicom says how
+                    return None
+                want = len(buf)  # double what is read, so a long header costs few passes
+                more = fp.read(want)
+                complete = len(more) < want
+                buf += more
+    except (_Unsure, struct.error, UnicodeDecodeError):
         return None
     if hdr.media_sop_class == "1.2.840.10008.1.3.10" or str(hdr.get("SOPClassUID", "")) == SEG_SOP_CLASS:
         return None  # DICOMDIR, DICOM-SEG: rare, nested; pydicom reads them

@@ -7,7 +7,6 @@ Runs in worker processes (one plan per task); it returns a small `Converted` rec
 from __future__ import annotations
 
 import errno
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,30 +16,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from medcl_cli.data.dicom.codecs import CodecError, decode_pixels
 from medcl_cli.data.dicom.frames import Frame
 from medcl_cli.data.dicom.series import SeriesPlan
 from medcl_cli.data.io import same_grid
-
-# transfer syntax -> (its name, the pydicom decoding plugin medcl uses for it, the PyPI package behind it,
-# the module that package installs). One decoder per syntax, chosen for docs/ingest.md's reasons; never
-# pylibjpeg-libjpeg, which decodes a truncated JPEG stream into an image without any error.
-DECODERS: dict[str, tuple[str, str, str, str]] = {
-    "1.2.840.10008.1.2.4.50": ("JPEG Baseline (process 1)", "gdcm", "python-gdcm", "gdcm"),
-    "1.2.840.10008.1.2.4.51": ("JPEG Extended (process 2 and 4)", "gdcm", "python-gdcm", "gdcm"),
-    "1.2.840.10008.1.2.4.57": ("JPEG Lossless (process 14)", "gdcm", "python-gdcm", "gdcm"),
-    "1.2.840.10008.1.2.4.70": ("JPEG Lossless SV1 (process 14, first-order prediction)", "gdcm", "python-gdcm",
-                               "gdcm"),
-    "1.2.840.10008.1.2.4.80": ("JPEG-LS Lossless", "pyjpegls", "pyjpegls", "jpeg_ls"),
-    "1.2.840.10008.1.2.4.81": ("JPEG-LS Near-Lossless", "pyjpegls", "pyjpegls", "jpeg_ls"),
-    "1.2.840.10008.1.2.4.90": ("JPEG 2000 Lossless", "pylibjpeg", "pylibjpeg-openjpeg", "openjpeg"),
-    "1.2.840.10008.1.2.4.91": ("JPEG 2000", "pylibjpeg", "pylibjpeg-openjpeg", "openjpeg"),
-    "1.2.840.10008.1.2.4.201": ("HTJ2K Lossless", "pylibjpeg", "pylibjpeg-openjpeg", "openjpeg"),
-    "1.2.840.10008.1.2.4.202": ("HTJ2K Lossless RPCL", "pylibjpeg", "pylibjpeg-openjpeg", "openjpeg"),
-    "1.2.840.10008.1.2.4.203": ("HTJ2K", "pylibjpeg", "pylibjpeg-openjpeg", "openjpeg"),
-    "1.2.840.10008.1.2.5": ("RLE Lossless", "pydicom", "pydicom", "pydicom"),
-}
-NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
-
 
 SERIAL_VOXELS = 8_000_000  # below this much pixel data, starting a pool costs more than it saves
 
@@ -60,61 +39,6 @@ class Converted:
     slice_positions: list[float] = field(default_factory=list)  # mm along the normal per output slice
     values: list[int] = field(default_factory=list)  # distinct label values (masks only)
     nonfinite: int = 0
-
-
-class CodecError(Exception):
-    """No installed decoder handles the file's transfer syntax (failed:codec)."""
-
-
-def syntax_name(ts: str) -> str:
-    if ts in DECODERS:
-        return DECODERS[ts][0]
-    try:
-        name = pydicom.uid.UID(ts).name
-    except Exception:  # noqa: BLE001 - a malformed UID is shown as it is
-        name = ts
-    return name if name and name != ts else "unknown transfer syntax"
-
-
-def decoder_available(ts: str) -> bool:
-    """Whether the decoder medcl uses for `ts` is installed (native syntaxes always are)."""
-    import importlib.util
-
-    if ts in NATIVE or ts == "":
-        return True
-    if ts not in DECODERS:
-        return False
-    module = DECODERS[ts][3]
-    return module == "pydicom" or (importlib.util.find_spec(module) is not None and (
-        module != "openjpeg" or importlib.util.find_spec("pylibjpeg") is not None))
-
-
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    if ts not in NATIVE and ts != "":
-        if not decoder_available(ts):
-            if ts in DECODERS:
-                package = DECODERS[ts][2] + (" pylibjpeg" if DECODERS[ts][2] == "pylibjpeg-openjpeg" else "")
-                raise CodecError(f"{syntax_name(ts)} ({ts}) needs a decoder that is not installed; "
-                                 f"install: pip install {package}")
-            raise CodecError(f"{syntax_name(ts)} ({ts}): no decoder for this transfer syntax is known to medcl; "
-                             "convert the series to an uncompressed syntax (e.g. gdcmconv --raw, dcmdjpeg)")
-        ds.pixel_array_options(decoding_plugin=DECODERS[ts][1])
-    log = logging.getLogger("pydicom")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # a failed decode is reported in ingest_report.csv, not logged to stderr
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return np.asarray(ds.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - decoding failures are classified below
-        if ts in DECODERS:
-            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
-            raise ValueError(f"{syntax_name(ts)} pixel data cannot be decoded by {DECODERS[ts][2]} "
-                             f"(damaged or truncated?): {last}") from None
-        raise
-    finally:
-        log.setLevel(level)
 
 
 def _raw_frame(data: bytes | np.ndarray, f: Frame) -> np.ndarray:
@@ -168,7 +92,7 @@ def read_frames(plan: SeriesPlan) -> np.ndarray:
                 implicit, little = ds.original_encoding
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
                     pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-            arr = _pixels(ds)
+            arr = decode_pixels(ds)
             if arr.ndim == 3 and f.nframes == 1 and arr.shape[-1] in (3, 4):
                 raise ValueError("colour (RGB) images are not supported as training volumes")
             cache[key] = arr.reshape((-1,) + arr.shape[-2:]) if arr.ndim >= 2 else arr
