@@ -41,10 +41,11 @@ class Converted:
     nonfinite: int = 0
 
 
-def _raw_frame(data: bytes | np.ndarray, f: Frame) -> np.ndarray:
+def _raw_frame(data: bytes | np.ndarray, f: Frame, offset: int | None = None) -> np.ndarray:
     """One frame straight from the file bytes, with BitsStored masking / sign extension like pydicom."""
     n = f.rows * f.cols
-    arr = np.frombuffer(data, dtype=f.dtype, count=n, offset=f.pixel_offset).reshape(f.rows, f.cols)
+    at = f.pixel_offset if offset is None else offset
+    arr = np.frombuffer(data, dtype=f.dtype, count=n, offset=at).reshape(f.rows, f.cols)
     alloc = arr.dtype.itemsize * 8
     if f.bits_stored and f.bits_stored < alloc:
         if arr.dtype.kind == "u":
@@ -59,6 +60,16 @@ def _read_raw(plan: SeriesPlan, out: np.ndarray) -> None:
     data: dict[str, Any] = {}
     for i, f in enumerate(plan.frames):
         key = f.source.label()
+        if f.nframes == 1 and f.source.member is None:  # one read of the frame's bytes: no map per file
+            need = f.rows * f.cols * np.dtype(f.dtype).itemsize
+            with open(f.source.path, "rb") as fh:
+                fh.seek(f.pixel_offset)
+                chunk = fh.read(need)
+            if len(chunk) < need:
+                raise ValueError(f"pixel data of {key} is truncated")
+            raw = _raw_frame(chunk, f, 0)
+            out[i] = raw * f.slope + f.intercept if (f.slope != 1.0 or f.intercept != 0.0) else raw
+            continue
         if key not in data:
             if f.source.member is None:
                 data = {key: np.memmap(f.source.path, dtype=np.uint8, mode="r")}
