@@ -27,7 +27,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.valuerep import IS, DSfloat
+from pydicom.valuerep import IS
 
 HEAD = 8192  # bytes read first (most headers are shorter); doubled while the header goes on
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -40,6 +40,10 @@ PLAIN = {"CS": pv.convert_string, "AS": pv.convert_string, "DA": pv.convert_DA_s
          "TM": pv.convert_TM_string, "DT": pv.convert_DT_string, "UI": pv.convert_UI,
          "DS": pv.convert_DS_string, "IS": pv.convert_IS_string}  # pydicom's own converters, one per VR
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+TEXT = {"LO", "SH", "UC", "PN", "LT", "ST", "UT"}  # text VRs decoded with the file's character set
+ASCII_SUPERSETS = {"iso8859", "latin_1", "iso_ir_6", "ascii", "UTF8", "utf_8", "iso8859_2", "iso8859_3",
+                   "iso8859_4", "iso8859_5", "iso8859_6", "iso8859_7", "iso8859_8", "iso8859_9", "iso8859_11",
+                   "iso8859_15", "tis_620", "GB18030", "GBK", "cp1252"}
 _U16, _U32, _TAG = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
 _UNDEFINED = 0xFFFFFFFF
 
@@ -86,6 +90,7 @@ class RawHeader:
         self._cache: dict[int, RawElement] = {}
         self.tsyntax, self.media_sop_class, self.pixel_offset = tsyntax, media_sop_class, pixel_offset
         self._encodings: list[str] | None = None
+        self._ascii = False
 
     def __contains__(self, key: object) -> bool:
         return (_tag_of(key) if isinstance(key, str) else int(key)) in self._spans  # type: ignore[call-overload]
@@ -144,6 +149,13 @@ class RawHeader:
         if self._encodings is None:
             charset = self.get("SpecificCharacterSet") if tag != 0x00080005 else None
             self._encodings = convert_encodings(charset)
+            self._ascii = all(e in ASCII_SUPERSETS for e in self._encodings)
+        if self._ascii and vr in TEXT and raw.isascii():  # what pydicom's text converters give, as str
+            text = raw.decode("ascii")
+            if vr in ("LT", "ST", "UT"):
+                return text.rstrip("\0 ")
+            items = [v.rstrip("\0 ") for v in text.split("\\")]
+            return items[0] if len(items) == 1 else items
         elem = RawDataElement(BaseTag(tag), vr, length, raw, start, self._implicit, True)
         return pv.convert_value(vr, elem, self._encodings)
 
@@ -160,8 +172,23 @@ def _is(text: str) -> Any:
     return IS(text, config.IGNORE)
 
 
+class _DS(float):
+    """A DS value: a float that prints as the text it was read from, like pydicom's DSfloat (which also
+    validates the text, at ten times the cost, only to warn)."""
+
+    original_string: str
+
+    def __str__(self) -> str:
+        return self.original_string
+
+
 def _ds(text: str) -> Any:
-    return DSfloat(text, False, config.IGNORE) if text.strip() else text
+    text = text.strip()
+    if not text:
+        return text
+    value = _DS(text)
+    value.original_string = text
+    return value
 
 
 def _plain(vr: str, raw: bytes) -> Any:

@@ -56,11 +56,11 @@ class Walked:
 def walk_inputs(paths: Iterable[Path]) -> Walked:
     """Every file under the inputs (recursive, sorted), split into volumes and DICOM candidates."""
     out = Walked()
-    seen: set[str] = set()
+    seen: set[Any] = set()
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or _dangling(p))
+        files = [root] if root.is_file() else _files_under(root)
         for p in files:
-            key = str(p.resolve())
+            key = _file_key(p)
             if key in seen or p.name.startswith(".tmp-"):
                 continue
             seen.add(key)
@@ -84,11 +84,11 @@ def walk_inputs(paths: Iterable[Path]) -> Walked:
     return out
 
 
-def _add_dicomdir(p: Path, out: Walked, seen: set[str]) -> None:
+def _add_dicomdir(p: Path, out: Walked, seen: set[Any]) -> None:
     """The files a DICOMDIR references join the DICOM candidates (once); missing ones become report rows."""
     index = read_dicomdir(p)
     for f in index.found:
-        key = str(f.resolve())
+        key = _file_key(f)
         if key not in seen:
             seen.add(key)
             out.dicom.append(Source(str(f)))
@@ -102,6 +102,44 @@ def _add_dicomdir(p: Path, out: Walked, seen: set[str]) -> None:
     extra = f"; {index.error}" if index.error else ""
     out.issues.append(FileIssue(Source(str(p)), "ignored:dicomdir",
                                 f"DICOMDIR index of {len(index.found)} file(s), each read directly{note}{extra}"))
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Files and dangling links under root, recursively (into linked folders too, each folder once), in
+    path order. os.scandir knows most entries' type without a stat: 20 000 files list in a fraction of
+    the time `rglob` + `is_file` took."""
+    found: list[str] = []
+    visited: set[tuple[int, int]] = set()
+    todo = [str(root)]
+    while todo:
+        folder = todo.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in visited:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    todo.append(entry.path)
+                elif entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
+                    found.append(entry.path)
+            except OSError:
+                continue
+    found.sort(key=lambda f: f.split(os.sep))
+    return [Path(f) for f in found]
+
+
+def _file_key(p: Path) -> Any:
+    """One key per file however it is reached (overlapping inputs, links): device and inode."""
+    try:
+        st = p.stat()
+    except OSError:
+        return str(p.absolute())  # a dangling link: its own path
+    return (st.st_dev, st.st_ino)
 
 
 def _dangling(p: Path) -> bool:
