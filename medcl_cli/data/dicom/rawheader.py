@@ -4,8 +4,8 @@ Reading 20 000 headers through `pydicom.dcmread` cost about 1.5 ms a file, mostl
 DataElement for every element whether it is used or not. This reader walks the element headers of a
 Part 10 file (little endian, explicit or implicit VR) straight from the file bytes, stops at the pixel data
 and keeps only where each top-level value lies; a value is converted when it is asked for, with pydicom's
-own converters (so the values are exactly what pydicom gives: `DSfloat` keeps its text, strings are
-stripped the same way, text VRs decoded with the file's SpecificCharacterSet).
+own rules (`values.py`: the values are what pydicom gives, strings stripped the same way, DS keeping its
+text, text VRs decoded with the file's SpecificCharacterSet).
 
 `read_raw(fp)` returns None, and the caller reads the file with pydicom, for anything outside that common
 case: no `DICM` preamble, big endian or deflated syntaxes, an element that does not parse, and files whose
@@ -20,14 +20,11 @@ import functools
 import struct
 from typing import Any, BinaryIO
 
-from pydicom import config
-from pydicom import values as pv
-from pydicom.charset import convert_encodings, default_encoding
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.valuerep import IS
+
+from medcl_cli.data.dicom.values import TEXT_VRS, convert
 
 HEAD = 8192  # bytes read first (most headers are shorter); doubled while the header goes on
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -35,15 +32,7 @@ IMPLICIT = "1.2.840.10008.1.2"
 NOT_LITTLE = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated: pydicom reads them
 STOP = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 NESTED = {0x52009230, 0x52009229, 0x00081115}  # per-frame / shared functional groups, ReferencedSeriesSequence
-NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
-PLAIN = {"CS": pv.convert_string, "AS": pv.convert_string, "DA": pv.convert_DA_string,
-         "TM": pv.convert_TM_string, "DT": pv.convert_DT_string, "UI": pv.convert_UI,
-         "DS": pv.convert_DS_string, "IS": pv.convert_IS_string}  # pydicom's own converters, one per VR
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-TEXT = {"LO", "SH", "UC", "PN", "LT", "ST", "UT"}  # text VRs decoded with the file's character set
-ASCII_SUPERSETS = {"iso8859", "latin_1", "iso_ir_6", "ascii", "UTF8", "utf_8", "iso8859_2", "iso8859_3",
-                   "iso8859_4", "iso8859_5", "iso8859_6", "iso8859_7", "iso8859_8", "iso8859_9", "iso8859_11",
-                   "iso8859_15", "tis_620", "GB18030", "GBK", "cp1252"}
 _U16, _U32, _TAG = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<HH")
 _UNDEFINED = 0xFFFFFFFF
 
@@ -90,7 +79,6 @@ class RawHeader:
         self._cache: dict[int, RawElement] = {}
         self.tsyntax, self.media_sop_class, self.pixel_offset = tsyntax, media_sop_class, pixel_offset
         self._encodings: list[str] | None = None
-        self._ascii = False
 
     def __contains__(self, key: object) -> bool:
         return (_tag_of(key) if isinstance(key, str) else int(key)) in self._spans  # type: ignore[call-overload]
@@ -131,81 +119,10 @@ class RawHeader:
 
     def _convert(self, tag: int, vr: str, start: int, length: int) -> Any:
         raw = self._buf[start : start + length]
-        if vr in NUMBERS:
-            fmt = NUMBERS[vr]
-            size = struct.calcsize(fmt)
-            if length == 0:
-                return None
-            if length % size:
-                raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has {length} bytes for VR {vr}")
-            vals = struct.unpack(f"<{length // size}{fmt}", raw)
-            return vals[0] if len(vals) == 1 else list(vals)
-        if vr == "SQ":
-            return Sequence()
-        if length == 0:
-            return None if vr not in PLAIN and vr not in ("LO", "SH", "PN", "LT", "ST", "UT", "UC", "AE", "UR") else ""
-        if vr in PLAIN:
-            return _plain(vr, raw)
-        if self._encodings is None:
+        if vr in TEXT_VRS and self._encodings is None:
             charset = self.get("SpecificCharacterSet") if tag != 0x00080005 else None
             self._encodings = convert_encodings(charset)
-            self._ascii = all(e in ASCII_SUPERSETS for e in self._encodings)
-        if self._ascii and vr in TEXT and raw.isascii():  # what pydicom's text converters give, as str
-            text = raw.decode("ascii")
-            if vr in ("LT", "ST", "UT"):
-                return text.rstrip("\0 ")
-            items = [v.rstrip("\0 ") for v in text.split("\\")]
-            return items[0] if len(items) == 1 else items
-        elem = RawDataElement(BaseTag(tag), vr, length, raw, start, self._implicit, True)
-        return pv.convert_value(vr, elem, self._encodings)
-
-
-def _split(text: str, kind: Any = None) -> Any:
-    """pydicom's multi_string: trailing padding off, split on backslash, one value or a list."""
-    items = text.rstrip(" \x00").split("\\")
-    if kind is not None:
-        items = [kind(v) for v in items]
-    return items[0] if len(items) == 1 else items
-
-
-def _is(text: str) -> Any:
-    return IS(text, config.IGNORE)
-
-
-class _DS(float):
-    """A DS value: a float that prints as the text it was read from, like pydicom's DSfloat (which also
-    validates the text, at ten times the cost, only to warn)."""
-
-    original_string: str
-
-    def __str__(self) -> str:
-        return self.original_string
-
-
-def _ds(text: str) -> Any:
-    text = text.strip()
-    if not text:
-        return text
-    value = _DS(text)
-    value.original_string = text
-    return value
-
-
-def _plain(vr: str, raw: bytes) -> Any:
-    """The value of a plain-ASCII VR as pydicom's converter gives it, minus the validation it does only to
-    warn (its cost was most of the header time: `UID` and `IS` check every value against a pattern). When
-    pydicom is set to raise on invalid values, or to convert dates, its own converter runs."""
-    if (config.settings.reading_validation_mode == config.RAISE or config.datetime_conversion
-            or config.use_DS_numpy or config.use_IS_numpy or config.use_DS_decimal):
-        return PLAIN[vr](raw, True)
-    text = raw.decode(default_encoding)
-    if vr == "UI":
-        return _split(text.rstrip("\0 "))
-    if vr == "IS":
-        return _split(text, _is)
-    if vr == "DS":
-        return _split(text.strip(), _ds)
-    return _split(text)
+        return convert(tag, vr, raw, self._encodings or [], self._implicit, start)
 
 
 def _elements(buf: bytes, pos: int, implicit: bool, spans: dict[int, tuple[bytes, int, int]] | None) -> int:
