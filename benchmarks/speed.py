@@ -69,7 +69,7 @@ class Bench:
         from medcl_cli.data.dataset import open_slices
         from medcl_cli.engine.device import resolve_device, resolve_precision
         from medcl_cli.engine.optim import build_optimizer
-        from medcl_cli.core.protocol import DataSpec
+        from medcl_cli.engine.setup import data_spec
         from medcl_cli.methods import get_info, load_method_class
         from medcl_cli.methods.losses.segmentation import dice_ce
         from medcl_cli.models.unet import build_unet
@@ -84,7 +84,7 @@ class Bench:
         self.dtype = resolve_precision(precision or args.precisions[0], self.device)
         slices = open_slices(_dataset(args.image_size, Path(args.data_root)), self.cfg.data)
         mark_labeled(slices, labeled_patients(slices, "3", 0))
-        spec = DataSpec(slices.num_classes, slices.meta_cardinality, stage or stages[0], 1)
+        spec = data_spec(slices, stage or stages[0])  # as the loop builds it (gcl: auto meta labels)
         torch.manual_seed(0)
         if key == "basicunet":
             from monai.networks.nets import BasicUNet

@@ -144,8 +144,10 @@ class SimCLRConfig:
 class GCLConfig:
     """Gradient-guided contrastive learning with multi-perspective meta labels (Wu et al. 2023)."""
 
-    # (paper's ACDC examples are patient, cardiac phase, slice position; `group` = diagnosis is a 4th option)
-    meta_labels: tuple[str, ...] = ("patient", "phase", "slice_part")  # meta columns: equal value = positive
+    # (paper's ACDC examples are patient, cardiac phase, slice position; `group` = diagnosis is a 4th option).
+    # `auto`: patient + slice_part always, plus phase or another categorical column of a case where the
+    # dataset has one (methods/gcl.py auto_meta_labels); on ACDC that is the paper's patient, phase, slice_part
+    meta_labels: tuple[str, ...] = ("auto",)  # meta columns: equal value = positive; `auto` = the dataset's own
     partitions: int = 3  # slice_position buckets of `slice_part` for GCL (Peng et al. 2021 on ACDC: 3)
     temperature: float = 0.07  # image-wise SupCon temperature (paper: unverified; predecessor code: 0.07)
     pixel_temperature: float = 0.07  # pixel-wise SupCon temperature (paper: unverified)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def test_empty_folder_and_only_junk(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, out, err = V.run_cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "ds"))
     assert_clean(code, out, err, 3)
-    assert not (tmp_path / "ds").exists()
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["ingest_report.csv"]  # written on every exit
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.dcm").write_bytes(b"")
     (tmp_path / "junk" / "b.txt").write_text("x")
@@ -206,8 +207,8 @@ VOLUME_EXPECT = {  # file -> (ingest status, predict written?)
     "good.nii.gz": ("ok", True),
     "two_d.nii.gz": ("ok", True),  # one slice: a 1-slice volume
     "vector.nii.gz": ("failed:unreadable", False),  # 32 components per voxel
-    "four_d.nii.gz": ("failed:unreadable", False),
-    "nan vox.nii.gz": ("failed:unreadable", False),  # ITK would read NaN/inf as 0
+    "four_d.nii.gz": ("failed:4d", False),  # readable, but 4D: ingest needs --frames
+    "nan vox.nii.gz": ("ok", False),  # NaN/inf replaced by the minimum (ITK alone would read them as 0)
     "trunc.nii.gz": ("failed:unreadable", False),  # ITK would zero-fill the missing voxels
     "zero.nii.gz": ("failed:unreadable", False),
     "ünï cöde.nii.gz": ("ok", True),
@@ -271,9 +272,10 @@ def test_volume_corpus_ingest(volume_corpus, capsys):
     status = {r["source"].split("/")[-1]: r for r in report_rows(out)}
     for name, (want, _) in VOLUME_EXPECT.items():
         assert status[name]["status"] == want, (name, status[name])
-    assert "NaN/inf" in status["nan vox.nii.gz"]["reason"]
+    assert status["nan vox.nii.gz"]["reason"] == "replaced 1 NaN and 1 inf voxels by the minimum 5.02891"
     assert "truncated" in status["trunc.nii.gz"]["reason"]
-    assert "4D" in status["four_d.nii.gz"]["reason"] and "components" in status["vector.nii.gz"]["reason"]
+    assert "4D volume (16 x 16 x 5 x 3" in status["four_d.nii.gz"]["reason"] and "--frames" in status["four_d.nii.gz"]["reason"]
+    assert "components" in status["vector.nii.gz"]["reason"]
     # what went in is exactly what was given (no NaN zeroed, no zero-filled tail)
     good = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / "good.nii.gz")))
     np.testing.assert_array_equal(good, sitk.GetArrayFromImage(sitk.ReadImage(str(imgs / "good.nii.gz"))))
@@ -315,7 +317,9 @@ def test_predict_on_dicom_corpus(dicom_run, tiny_run, capsys, tmp_path):
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert len(written) >= 5  # good series, mixed MR + CT, two evil-named series, DICOMDIR images
     assert all(p.resolve().parent == out.resolve() for p in tmp_path.rglob("*") if p.is_file())
-    assert not any("evil" in n or "pwn" in n for n in written)
+    # a description becomes at most a sanitised part of the name ('../../evil' -> series_0003_evil): never a path
+    assert all(re.fullmatch(r"series_[A-Za-z0-9_-]+\.nii\.gz", n) for n in written), written
+    assert not any("pwn" in n for n in written)  # PatientID is no part of a name
 
 
 # ---------------------------------------------------------------- hand-edited datasets: validate, finetune, evaluate

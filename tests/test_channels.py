@@ -111,6 +111,9 @@ def test_tcia_ingest_one_case_per_study_with_three_channels(brain):
     cases = pd.read_csv(out / "cases.csv", dtype=str)
     assert list(cases.columns[:4]) == ["case_id", "image", "image_0001", "image_0002"]
     assert list(cases["case_id"]) == ["case_0001", "case_0002"]
+    # traceable: each channel's series number and description, joined in channel order
+    assert set(cases["series_description"]) == {"T1post+FLAIR_reg+T2_reg"} and set(cases["modality"]) == {"MR"}
+    assert sorted(cases["series_number"]) == ["11+35623+37908", "11+35637+37910"]
     assert sorted(p.name for p in (out / "images").iterdir()) == [
         f"case_000{c}_000{k}.nii.gz" for c in (1, 2) for k in range(3)]
     report = pd.read_csv(out / "ingest_report.csv", dtype=str).fillna("")
@@ -162,7 +165,9 @@ def test_tcia_chain_finetune_evaluate_predict_export(brain, tmp_path):
                               str(scans / "flair.nii.gz"), "--out", str(tmp_path / "p")])
     assert code == 0, err
     side = json.loads((tmp_path / "p" / "scans.json").read_text())
-    assert side["channels"] == {"T1post": "t1post.nii.gz", "FLAIR": "flair.nii.gz", "T2": "t2.nii.gz"}
+    assert side["channels"] == {ch: str(scans / f) for ch, f in
+                                (("T1post", "t1post.nii.gz"), ("FLAIR", "flair.nii.gz"), ("T2", "t2.nii.gz"))}
+    assert side["input"] == str(scans / "t1post.nii.gz")  # channel 0's path as given
     mask = sitk.ReadImage(str(tmp_path / "p" / "scans.nii.gz"))
     assert mask.GetSize() == ref.GetSize() and np.allclose(mask.GetDirection(), ref.GetDirection())
     code, _, err = _cli(["predict", str(run), str(scans / "t2.nii.gz"), str(scans / "flair.nii.gz"),
@@ -173,7 +178,12 @@ def test_tcia_chain_finetune_evaluate_predict_export(brain, tmp_path):
     code, _, err = _cli(["predict", str(run), str(study), "--out", str(tmp_path / "pd")])
     assert code == 0, err
     (side_path,) = sorted((tmp_path / "pd").glob("*.json"))
-    assert set(json.loads(side_path.read_text())["channels"]) == {"T1post", "FLAIR", "T2"}
+    assert side_path.name == "series_0011_T1post.json"  # named after channel 0's series number and description
+    side = json.loads(side_path.read_text())
+    assert set(side["channels"]) == {"T1post", "FLAIR", "T2"}
+    # the folder as given, with the patient name (PGBM-001 is the PatientName) and the study date scrubbed
+    assert side["input"] == str(src / "<redacted>" / study.name.replace("04-02-1992", "<redacted>"))
+    assert side["label_map"] == {"0": "background", "1": "tumour"}  # --label-names, carried through training
     # a study without T2 is reported, not segmented with a missing channel
     code, _, err = _cli(["predict", str(run), str(src / "PGBM-003"), "--out", str(tmp_path / "pf")])
     assert code == 3 or code == 5, err
@@ -230,4 +240,5 @@ def test_ingest_where_no_study_has_every_channel_names_the_series_found(shared_d
     src = shared_data("tcia_brain_tumor_progression_dicom") / "PGBM-003"
     code, _, err = _cli(["ingest", str(src), "--out", str(tmp_path / "x"), "--channels", CH, "--label-series", "Mask"])
     assert code == 3 and "--channels T1post,FLAIR,T2: no study or case has every channel" in err
-    assert "found: FLAIR_reg, T1post" in err and not (tmp_path / "x").exists()
+    assert "found: FLAIR_reg, T1post" in err
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["ingest_report.csv"]  # the report, written on every exit

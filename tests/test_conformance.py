@@ -22,9 +22,9 @@ from medcl_cli.data.dataset import open_slices
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.optim import build_optimizer
-from medcl_cli.core.protocol import DataSpec, call_backward, eval_net, on_step_end
+from medcl_cli.core.protocol import call_backward, eval_net, on_step_end
 from medcl_cli.core.report import NullReporter
-from medcl_cli.engine.setup import checkpoint_state, restore_state, with_input_channels
+from medcl_cli.engine.setup import checkpoint_state, data_spec, restore_state, with_input_channels
 from medcl_cli.methods import REGISTRY, get_info, load_method_class
 from medcl_cli.models.unet import build_unet
 
@@ -54,7 +54,7 @@ def _setup(key: str, tiny_dataset: Path):
     slices = open_slices(tiny_dataset, cfg.data)
     mark_labeled(slices, labeled_patients(slices, "2", 0))
     cfg = with_input_channels(cfg, slices, NullReporter())
-    spec = DataSpec(slices.num_classes, slices.meta_cardinality, stage, 1)
+    spec = data_spec(slices, stage)  # as the loop builds it (gcl's auto meta labels see phase)
     cls = load_method_class(key)
     torch.manual_seed(0)
     method = cls(build_unet(cfg.model, slices.num_classes), cfg, spec)

@@ -12,7 +12,7 @@ from medcl_cli import config as C
 from medcl_cli.data.augment import make_views, warp
 from medcl_cli.core.protocol import DataSpec
 from medcl_cli.errors import EXIT_INVALID, InvalidDataError, UsageError
-from medcl_cli.methods.gcl import GCL, check_meta_labels, slice_parts
+from medcl_cli.methods.gcl import GCL, check_meta_labels, resolve_meta_labels, slice_parts
 from medcl_cli.methods.gradients import conflict_fraction
 from medcl_cli.methods.samplers import topk_saliency
 from medcl_cli.models.unet import UNet
@@ -34,6 +34,20 @@ def test_meta_labels_missing_or_constant_column_is_exit_4_naming_the_columns():
         check_meta_labels((), CARD, 3)
     with pytest.raises(UsageError):
         check_meta_labels(("patient", "patient"), CARD, 3)
+
+
+def test_auto_meta_labels_follow_the_dataset_and_explicit_lists_still_work():
+    acdc = {"patient": 3, "phase": 2, "group": 3}
+    assert resolve_meta_labels(("auto",), acdc, ("group", "phase"), 3)[0] == ("patient", "phase", "slice_part")
+    assert resolve_meta_labels(("auto",), acdc, ("group",), 3)[0] == ("patient", "group", "slice_part")
+    labels, note = resolve_meta_labels(("auto",), {"patient": 3, "time_index": 0}, (), 3)  # a TCIA brain folder
+    assert labels == ("patient", "slice_part") and "auto" in note and "patient, slice_part" in note
+    labels, note = resolve_meta_labels(("auto",), {"patient": 1}, (), 3)
+    assert labels == ("slice_part",) and "one patient only" in note
+    assert resolve_meta_labels(("auto", "group"), acdc, ("phase",), 3)[0] == ("patient", "phase", "slice_part", "group")
+    assert resolve_meta_labels(("patient", "group"), acdc, ("phase",), 3)[0] == ("patient", "group")
+    with pytest.raises(InvalidDataError, match="did you mean 'phase'"):
+        resolve_meta_labels(("patient", "phsae"), acdc, (), 3)
 
 
 def test_slice_parts_buckets_positions_equally():
@@ -62,7 +76,8 @@ def _cfg(**gcl: object) -> C.Config:
 def _method(**gcl: object) -> GCL:
     torch.manual_seed(0)
     net = UNet(2, 1, 4, channels=(8, 16, 32))
-    return GCL(net, _cfg(**gcl), DataSpec(num_classes=4, meta_cardinality=dict(CARD), stage="pretrain"))
+    spec = DataSpec(num_classes=4, meta_cardinality=dict(CARD), stage="pretrain", meta_categorical=("phase",))
+    return GCL(net, _cfg(**gcl), spec)
 
 
 def _batch(b: int = 6, size: int = 32) -> dict:

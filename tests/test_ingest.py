@@ -89,7 +89,8 @@ def test_tcia_meta_per_slice(tcia):
     loc = first["SliceLocation"].astype(float).to_numpy()
     assert np.all(np.abs(np.diff(loc)) == pytest.approx(6.5, abs=1e-3))  # ordered like the z axis
     info = __import__("json").loads((ds / "dataset.json").read_text())
-    assert info["labels"] == {"0": "background", "1": "class_1"} and info["counts"]["cases"] == 10
+    # the class takes the mask series' SeriesDescription, not class_1
+    assert info["labels"] == {"0": "background", "1": "Mask_Tumor"} and info["counts"]["cases"] == 10
 
 
 def test_qa_folders_equal_to_dcm2niix(shared_data, tmp_path):
@@ -227,7 +228,11 @@ def test_exit_codes_and_messages(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing")
     r = cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "y"))
-    assert r.exit_code == 3 and "ignored:not-dicom" in r.stderr and not (tmp_path / "y").exists()
+    assert r.exit_code == 3 and "ignored:not-dicom" in r.stderr
+    # the report is written on every exit, and a folder holding only it is no dataset: a re-run may replace it
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == ["ingest_report.csv"]
+    r = cli(capsys, "ingest", str(tmp_path / "empty"), "--out", str(tmp_path / "y"))
+    assert r.exit_code == 3, r.stderr
 
 
 def test_failed_ingest_leaves_no_half_dataset(tmp_path, monkeypatch):

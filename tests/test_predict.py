@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,6 +79,15 @@ def test_partial_failure_and_nothing_found(run, tmp_path, capsys):
     assert "broken.nii.gz" in err and "Traceback" not in err
     assert (out / "scan0.nii.gz").is_file() and (out / "scan1.json").is_file()
     assert not (out / "broken.json").exists() and not (out / "broken.nii.gz").exists()
+    # nothing at all predicted: invalid data (4), not a partial success (5)
+    import numpy as np
+    import SimpleITK as sitk
+
+    cine = tmp_path / "cine_4d.nii.gz"  # found and read, then refused by the model's input check
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 16, 16), np.float32), isVector=False), str(cine))
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), str(cine), "--out", str(tmp_path / "out2"))
+    assert code == 4, err
+    assert "no input could be segmented" in err and "4D" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
     code, _, err = V.run_cli(capsys, "predict", str(run), str(tmp_path / "empty"), "--out", str(out))
     assert code == 3 and "no volumes or DICOM series" in err
@@ -115,7 +125,10 @@ def test_dicom_seg_output_matches_the_mask_and_hides_phi(run, tmp_path, capsys, 
     side = json.loads((out / f"{name}.json").read_text())
     assert side["dicom_seg"] == seg_path.name and side["format"] == "dicom-seg"
     seg = pydicom.dcmread(str(seg_path))
-    assert seg.Modality == "SEG" and str(seg.PatientName).rstrip("^") == name and "Doe" not in seg_path.read_bytes().decode("latin1")
+    # the SEG's patient is the series' UID pseudonym (unique per series), the file is named after the series
+    pseudonym = str(seg.PatientName).rstrip("^")
+    assert seg.Modality == "SEG" and re.fullmatch(r"series_[0-9a-f]{12}", pseudonym) and seg.PatientID == pseudonym
+    assert "Doe" not in seg_path.read_bytes().decode("latin1") and name.startswith("series_")
     assert seg.SegmentSequence[0].SegmentLabel == "blob"
     frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     assert len(frames) == len(files)  # one frame per source image (one foreground class)

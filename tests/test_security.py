@@ -138,7 +138,10 @@ def test_header_and_file_names_never_write_outside_out(tmp_path, capsys):
     assert new and all(p == str(out) or p.startswith(str(out) + os.sep) or p == str(preds)
                        or p.startswith(str(preds) + os.sep) for p in new), sorted(new)
     names = [p.name for p in out.rglob("*")] + [p.name for p in preds.rglob("*")]
-    assert not any("evil" in n or "pwn" in n for n in names), names
+    assert not any("evil" in n or "pwn" in n for n in [p.name for p in out.rglob("*")]), names  # generated case ids
+    # predict names a series after its description, reduced to letters, digits, '-' and '_': never a path
+    assert all(re.fullmatch(r"series_[A-Za-z0-9_-]+\.(nii\.gz|json)", p.name) for p in preds.iterdir()), names
+    assert not any("pwn" in n for n in names), names
     assert not Path("/tmp/pwn").exists() and not (tmp_path / "evilzip").exists()
 
 

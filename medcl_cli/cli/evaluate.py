@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from medcl_cli.cli import console
-from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt
+from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt, StrictOpt
 
 
 def evaluate(
@@ -31,6 +31,7 @@ def evaluate(
     nsd_tolerance: Annotated[
         Optional[float], typer.Option("--nsd-tolerance", min=0.0, help="NSD tolerance in mm (default 1.0).")
     ] = None,
+    strict: StrictOpt = False,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -40,6 +41,8 @@ def evaluate(
     Writes metrics_per_case.csv, metrics_summary.csv and summary.json (mean, median, std, n, n_nan per
     class and the mean over foreground classes); an empty prediction or reference is scored by the
     documented rule (Dice 0, HD95 = image diagonal), never dropped. Cases without a mask are skipped.
+    A pretraining-only run is refused (exit 4: fine-tune it first); a split far from the run's training data
+    (modality, channels, in-plane spacing) is a warning, or with --strict exit 4.
 
     Example: medcl evaluate runs/ft --data data/ --split val --overlays --report
     """
@@ -60,7 +63,7 @@ def evaluate(
         model, ds, split, out_dir, overlays=overlays, overwrite=overwrite,
         batch_size=batch_size or InferenceConfig().batch_size,
         nsd_tolerance_mm=InferenceConfig().nsd_tolerance_mm if nsd_tolerance is None else nsd_tolerance,
-        reporter=ConsoleReporter(), report=report,
+        reporter=ConsoleReporter(), report=report, strict=strict,
     )
     if as_json:
         console.result(json.dumps(res.summary_json, indent=2))

@@ -40,6 +40,10 @@ def ingest(
         "--channels", help="Multi-sequence cases, e.g. T1post,FLAIR,T2: one case per DICOM study (series matched on "
                            "SeriesDescription, case-insensitive) or per NIfTI case (<case>_0000.., <case>_<name>, "
                            "or <case>/<name>), one channel per name, on the first channel's grid.")] = None,
+    frames: Annotated[Optional[str], typer.Option(
+        "--frames", help="4D NIfTI/NRRD/MHA volumes (cine, DWI): 'split' makes one case per frame (<case>_f00, "
+                         "<case>_f01, ..., one patient, so never in two splits), N keeps frame N only (0-based). "
+                         "Without it a 4D volume is refused (failed:4d). DICOM 4D series are always split.")] = None,
     meta: Annotated[Optional[str], typer.Option("--meta", help="DICOM keywords for meta.csv, e.g. "
                                                                "PatientAge,SliceLocation.")] = None,
     meta_csv: Annotated[Optional[Path], typer.Option("--meta-csv", help="CSV with case_id + per-case columns "
@@ -51,6 +55,10 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: one per core).")] = None,
     allow_phi: Annotated[bool, typer.Option("--allow-phi", help="Allow PHI keywords in --meta; their values and an "
                                                                 "id map go to DATASET/private/ only.")] = False,
+    allow_phi_tags: Annotated[Optional[str], typer.Option(
+        "--allow-phi-tags", help="Free-text --meta tags to write to meta.csv anyway (e.g. SeriesDescription,"
+                                 "ImageComments); each value is scrubbed of the patient's name, IDs, birth date, "
+                                 "accession number and institution (docs/phi.md).")] = None,
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -61,16 +69,22 @@ def ingest(
 
     DICOM series are grouped, sorted by position along the slice normal, checked (gaps, duplicates, tilt,
     variable spacing), 4D series are split per time point, and each volume is written as NIfTI with its exact
-    geometry. PHI never enters the dataset unless --allow-phi (then only under private/).
-    Exit codes: 0 every input became a case, 5 some were skipped (see ingest_report.csv), 3 nothing usable,
-    2 bad option (unknown or PHI --meta keyword), 6 --out not empty.
+    geometry. PHI never enters the dataset unless --allow-phi (then only under private/); free-text tags
+    (descriptions, comments) need --allow-phi-tags and are scrubbed (docs/phi.md). Ages over 89 read 90+.
+    NaN/inf voxels are replaced by the volume's minimum finite value (noted in ingest_report.csv).
+    Exit codes: 0 every input became a case, 5 some were skipped (see ingest_report.csv), 3 nothing usable
+    (the reason is printed and ingest_report.csv still written), 4 nothing usable because every input was a
+    4D volume without --frames, 2 bad option (unknown or PHI --meta keyword), 6 --out not empty, being
+    written by another ingest, or not writable.
 
     Example: medcl ingest ./dicoms --out data/ --meta PatientAge,SliceLocation --label-series Mask
     Multi-sequence: medcl ingest ./brain --out brain/ --channels T1post,FLAIR,T2 --label-series Mask
+    Cine NIfTI: medcl ingest ./acdc/patient001_4d.nii.gz --out cine/ --frames split
     """
     from medcl_cli.config import load_config, with_overrides
     from medcl_cli.data.channels import parse_channels
     from medcl_cli.data.ingest import IngestRequest, ingest as run_ingest
+    from medcl_cli.data.volume_frames import parse_frames
     from medcl_cli.errors import PartialSuccess
 
     cfg = with_overrides(load_config(list(config or []), sets), {
@@ -81,17 +95,19 @@ def ingest(
         inputs=list(inputs), out=out, labels_dir=labels, label_series=label_series,
         label_names=_label_names(label_names), meta=[m for m in (meta or "").split(",") if m.strip()],
         meta_csv=meta_csv, split_file=split_file, allow_phi=allow_phi, overwrite=overwrite,
-        channels=parse_channels(channels), cfg=cfg.ingest,
+        allow_phi_tags=[t for t in (allow_phi_tags or "").split(",") if t.strip()],
+        channels=parse_channels(channels), frames=parse_frames(frames), cfg=cfg.ingest,
     )
     res = run_ingest(req, console.ConsoleReporter())
     skipped = {k: v for k, v in res.reasons.items() if not k.startswith(("ok", "label"))}
     if as_json:
         console.result(json.dumps({"dataset": str(res.out), "cases": res.cases, "labelled": res.labelled,
-                                   "splits": res.splits, "failed": res.failed, "ignored": res.ignored,
+                                   "splits": res.splits, "split_patients": res.split_patients, "failed": res.failed, "ignored": res.ignored,
                                    "reasons": skipped, "missing_meta": res.missing_meta}, indent=2))
     else:
         console.result(str(res.out))
-        splits = ", ".join(f"{k} {v}" for k, v in res.splits.items() if v)
+        splits = ", ".join(f"{k} {v} ({res.split_patients.get(k, 0)} patient{'' if res.split_patients.get(k) == 1 else 's'})"
+                           for k, v in res.splits.items() if v)
         console.result(f"cases: {res.cases} ({res.labelled} labelled; {splits})")
         console.result(f"skipped: {res.failed} failed, {res.ignored} ignored"
                        + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(skipped.items()))})" if skipped else ""))

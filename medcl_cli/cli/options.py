@@ -21,3 +21,8 @@ DeviceOpt = Annotated[
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (always recorded in run.json).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Refuse (exit 4) input whose modality, channel count or in-plane spacing is far "
+                                  "from the run's training data, instead of warning."),
+]

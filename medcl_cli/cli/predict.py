@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from medcl_cli.cli import console
-from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt
+from medcl_cli.cli.options import DeviceOpt, JsonOpt, OverwriteOpt, StrictOpt
 
 
 def predict(
@@ -29,6 +29,7 @@ def predict(
     allow_phi: Annotated[
         bool, typer.Option("--allow-phi", help="Copy patient/study attributes into DICOM SEG outputs.")
     ] = False,
+    strict: StrictOpt = False,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -38,7 +39,9 @@ def predict(
     Each <name>.nii.gz copies the input's size, spacing, origin and direction; <name>.json records the
     label map, run id, method and the input's sha256. Outputs that exist are skipped unless --overwrite,
     so re-running a killed predict completes only the missing cases. Exit 5 when some inputs failed
-    (the others are still written), 3 when nothing readable was found.
+    (the others are still written), 4 when every input found failed, 3 when nothing readable was found; 4 also
+    for a pretraining-only run (fine-tune it first) or, with --strict, for an input far from the run's training
+    data (otherwise a warning).
 
     Example: medcl predict runs/ft scans/ --out preds/
     Multi-channel run: medcl predict runs/brain t1post.nii.gz flair.nii.gz t2.nii.gz --out preds/
@@ -55,6 +58,9 @@ def predict(
     reporter = ConsoleReporter()
     dev = resolve_device(device or "auto")
     model = load_model(run, dev)  # first: a wrong run folder fails before any DICOM is converted
+    from medcl_cli.predict.fit import require_trained_head
+
+    require_trained_head(model.segmentation_trained, str(run), model.method)
     if model.num_channels > 1 and fmt == "dicom-seg":
         from medcl_cli.errors import UsageError
 
@@ -71,7 +77,7 @@ def predict(
         console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
         res = predict_all(
             model, found, out, overwrite=overwrite, fmt=fmt, batch_size=batch_size or InferenceConfig().batch_size,
-            allow_phi=allow_phi, reporter=reporter,
+            allow_phi=allow_phi, reporter=reporter, strict=strict,
         )
     res.failed = failed + res.failed
     if as_json:
@@ -85,6 +91,11 @@ def predict(
             console.info("existing outputs were kept; give --overwrite to recompute them")
     if res.failed:
         shown = "; ".join(f"{i}: {r}" for i, r in res.failed[:3]) + (" ..." if len(res.failed) > 3 else "")
+        if not res.written and not res.skipped:  # nothing at all was predicted: no partial success
+            from medcl_cli.errors import InvalidDataError
+
+            raise InvalidDataError(f"no input could be segmented ({len(res.failed)} failed): {shown}",
+                                   "fix the inputs named above and re-run")
         raise PartialSuccess(
             f"{len(res.failed)} input(s) failed: {shown}", "fix or remove them and re-run; finished cases are skipped"
         )

@@ -1,9 +1,10 @@
-"""Integrity checks ITK skips when it reads a volume.
+"""How medcl writes files: atomically (temporary file + rename) and with the permissions the user's umask gives.
 
-ITK reads a truncated `.nii.gz` without complaint (the missing voxels become zeros) and turns NaN and
-infinite voxels of a float NIfTI into 0. Both silently change the data, so medcl checks them itself:
-the gzip length is compared with what the header promises (a full streaming decompression only when
-they disagree, so multi-member files still pass), and non-finite voxels are counted on the raw file.
+`tempfile.mkstemp`/`mkdtemp` create 0600 files and 0700 folders whatever the umask, so an output written
+through one of them (every atomic write, the export and demo folders) would stay private to its owner even
+under `umask 022`. `shareable` gives such a path the mode a plain `open()`/`mkdir()` would have given it
+(0o666 / 0o777 masked by the umask); `atomic_path` and `make_tempdir` apply it, and every writer in medcl
+goes through one of the two. Scratch folders outside the outputs (`private_tempdir`) stay private.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,7 @@ def atomic_path(path: str | Path, suffix: str, needed: int = 0,
         except disk_errors:
             raise_if_disk_full(p.parent, needed)
             raise
+        shareable(tmp)  # after the writer: one that replaced the file has made a new one
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
@@ -65,6 +68,45 @@ def atomic_path(path: str | Path, suffix: str, needed: int = 0,
 
 
 TMP_PREFIX = ".tmp-"
+_FALLBACK_UMASK: list[int] = []
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc/self/status).
+
+    Elsewhere it can only be read by setting it, which races with other threads creating files, so it is
+    read that way once (under a lock) and remembered."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        if not _FALLBACK_UMASK:
+            old = os.umask(0o077)
+            os.umask(old)
+            _FALLBACK_UMASK.append(old)
+    return _FALLBACK_UMASK[0]
+
+
+def shareable(path: str | Path) -> None:
+    """Give `path` the mode `open()` (file) or `mkdir()` (folder) would have: 0o666 / 0o777 minus the umask.
+
+    For what `tempfile` created (always 0600 / 0700) before it becomes an output. Only the permission bits
+    of a path medcl itself created change; inputs are never passed here."""
+    mode = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, mode & ~current_umask())
+
+
+def make_tempdir(prefix: str, dir: str | Path) -> Path:
+    """`tempfile.mkdtemp` in `dir` with the permissions of a plain mkdir (see `shareable`): for a folder
+    that is renamed into place as an output once it is complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    shareable(tmp)
+    return tmp
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -113,20 +155,55 @@ def private_tempdir(prefix: str) -> Iterator[Path]:
         yield Path(work)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_CONTROL = {c: None for c in range(32)} | {9: " ", 10: " ", 13: " ", 127: None}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        for part in text.split("\\"):  # DICOM multi-values: -12.5\\40.0\\-3
+            float(part)
+    except ValueError:
+        return False
+    return True
+
+
+def safe_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run (OWASP CSV injection): text beginning with = + - @ tab or CR
+    gets a leading `'`, control characters go (tab, CR and LF become spaces). Numbers, and text that is a
+    number or a backslash-joined list of numbers (-3.5, -1e-3\\2), are returned unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith(_FORMULA_START) and not _is_number(value):
+        value = "'" + value
+    return value.translate(_CONTROL)
+
+
+def safe_row(row: Iterable[Any]) -> list[Any]:
+    return [safe_cell(v) for v in row]
+
+
 def write_rows_atomic(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
-    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas."""
+    """Write dict rows as CSV (missing keys empty, None empty) atomically, without pandas; every cell
+    goes through `safe_cell`."""
     import csv
 
     with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", restval="")
-        writer.writeheader()
+        writer = csv.writer(fh)
+        writer.writerow(safe_row(columns))
         for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            writer.writerow(safe_row("" if row.get(c) is None else row.get(c, "") for c in columns))
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """A DataFrame as CSV, atomically; text cells and column names go through `safe_cell`."""
+    out = df.copy()
+    for col in out.columns:
+        if getattr(out[col].dtype, "kind", "O") not in "biufcmM":  # object and string columns
+            out[col] = out[col].map(safe_cell)
+    out.columns = [safe_cell(str(c)) for c in out.columns]
     with atomic_path(path, ".csv") as tmp:
-        df.to_csv(tmp, index=False)
+        out.to_csv(tmp, index=False)
 
 
 def write_json_atomic(data: Any, path: Path) -> None:

@@ -23,6 +23,7 @@ class DataSpec:
     meta_cardinality: dict[str, int] = field(default_factory=dict)  # meta column -> number of codes
     stage: str = "finetune"  # pretrain | finetune
     world_size: int = 1  # DDP ranks (for gather_with_grad-based losses)
+    meta_categorical: tuple[str, ...] = ()  # meta columns that are categories of a case (data/profile.py)
 
 
 @runtime_checkable

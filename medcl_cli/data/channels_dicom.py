@@ -34,6 +34,7 @@ class ChannelCase:
     case: DicomCase
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    series: list[tuple[str, str]] = field(default_factory=list)  # (SeriesNumber, SeriesDescription) per channel
 
 
 def merge_dicom_channels(
@@ -95,6 +96,7 @@ def merge_dicom_channels(
                 renamed[c.case_id] = cid
         label = _channel_label(study_cases, picks, ref, stage / f"{cid}.label.nii.gz")
         first.label_values = label[1] if label else []
+        first.label_names = label[2] if label else {}
         first.label = workdir / "labels" / f"{cid}.nii.gz" if label else None
         for k, i in enumerate(picks):
             if k:
@@ -107,7 +109,8 @@ def merge_dicom_channels(
                         f"its description matches none of --channels {','.join(channels)}"), ""
         first.case_id = cid
         first.image = files[0]
-        out.append(ChannelCase(first, files, notes))
+        out.append(ChannelCase(first, files, notes,
+                               [(study_cases[i].plan.series_number, study_cases[i].plan.description) for i in picks]))
     for p in originals:  # the single-series files: replaced by the staged channel files
         p.unlink(missing_ok=True)
     for f in sorted(stage.iterdir()):
@@ -127,8 +130,10 @@ def merge_dicom_channels(
     return out, extra
 
 
-def _channel_label(study_cases: list[DicomCase], picks: list[int], ref: sitk.Image, dest: Path) -> tuple[Path, list[int]] | None:
-    """The label of the new case: channel 0's mask, else another channel's resampled (nearest) onto its grid."""
+def _channel_label(study_cases: list[DicomCase], picks: list[int], ref: sitk.Image, dest: Path
+                   ) -> tuple[Path, list[int], dict[int, str]] | None:
+    """The label of the new case (file, values, class names): channel 0's mask, else another channel's
+    resampled (nearest) onto its grid."""
     for i in picks:
         c = study_cases[i]
         if c.label is None:
@@ -137,5 +142,5 @@ def _channel_label(study_cases: list[DicomCase], picks: list[int], ref: sitk.Ima
         if not same_grid(lab, ref, tol=1e-3):
             lab = resample_onto(lab, ref, nearest=True)
         write_volume(lab, dest)
-        return dest, [int(v) for v in np.unique(sitk.GetArrayViewFromImage(lab))]
+        return dest, [int(v) for v in np.unique(sitk.GetArrayViewFromImage(lab))], dict(c.label_names)
     return None

@@ -39,6 +39,7 @@ from medcl_cli.data.io import (
     same_grid,
     strip_suffix,
 )
+from medcl_cli.data.volume_frames import nonfinite_masks, replace_nonfinite
 from medcl_cli.errors import MedclError
 
 _NNUNET = re.compile(r"^(.+)_(\d{4})$")
@@ -135,8 +136,8 @@ def ingest_nifti_channels(
         for k, f in enumerate(picked):
             r = frows[f.path]
             r.case_id = case_id
-            r.reason = f"channel {k} ({channels[k]}) of {case_id}" + (
-                "; " + "; ".join(n for n in notes if n.startswith(f"channel {k} ")) if k and notes else "")
+            mine = [n for n in notes if n.startswith(f"channel {k} ")]
+            r.reason = f"channel {k} ({channels[k]}) of {case_id}" + ("; " + "; ".join(mine) if mine else "")
         cases.append(case)
         files_of[case_id] = [workdir / channel_file(case_id, k) for k in range(len(channels))]
         notes_of[case_id] = notes
@@ -149,15 +150,19 @@ def _convert(picked: list[_File], label: Path | None, case_id: str, name: str, w
     status, reason, case = convert_volume(picked[0].path, label, case_id, workdir)
     if case is None:
         return status, reason, None, []
+    notes = [f"channel 0 {reason}"] if reason else []  # NaN/inf replaced
     first = workdir / "images" / f"{case_id}.nii.gz"
     try:
-        images = [read_image(first)] + [read_image(f.path, finite=True) for f in picked[1:]]
+        images = [read_image(first)] + [read_image(f.path) for f in picked[1:]]
         bad = [f.path.name for f, img in zip(picked[1:], images[1:]) if img.GetDimension() != 3 or
                img.GetNumberOfComponentsPerPixel() != 1]
         if bad:
             raise ValueError(f"{bad[0]} is not a scalar 3D volume")
+        for k in range(1, len(picked)):  # NaN/inf replaced as in channel 0 (volume_frames.py)
+            images[k], fixed = replace_nonfinite(images[k], nonfinite_masks(picked[k].path, images[k]))
+            notes += [f"channel {k} {fixed}"] if fixed else []
         stack_channels(images)  # refuses what cannot be put on one grid
-    except (MedclError, ValueError, RuntimeError) as exc:
+    except (MedclError, ValueError, RuntimeError) as exc:  # FramesError (no finite voxel) included
         first.unlink(missing_ok=True)
         if case.label is not None:
             case.label.unlink(missing_ok=True)
@@ -165,7 +170,6 @@ def _convert(picked: list[_File], label: Path | None, case_id: str, name: str, w
         return "failed:unreadable", text, None, []
     dest0 = workdir / channel_file(case_id, 0)
     first.rename(dest0)
-    notes: list[str] = []
     for k in range(1, len(picked)):
         img = images[k]
         if not same_grid(img, images[0], tol=1e-3):

@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from medcl_cli.core.files import private_tempdir
+from medcl_cli.core.files import make_tempdir, private_tempdir
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.folder import (
     CASES_COLUMNS,
@@ -149,7 +149,7 @@ def _build(folder: DatasetFolder, data_cfg: Any, target: Path, reporter: Reporte
     n, s = int(sum(sizes)), int(data_cfg.image_size)
     nch = folder.num_channels
     shape = (n, s, s) if nch == 1 else (n, nch, s, s)  # one channel keeps the original cache layout
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = make_tempdir(f".tmp-{target.name}-", target.parent)
     try:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float32, shape=shape)
         labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.int16, shape=(n, s, s))

@@ -39,6 +39,8 @@ CASES_COLUMNS = [
     "size_z",
     "source",
     "modality",
+    "series_number",  # DICOM: SeriesNumber (channels joined with +), empty for NIfTI
+    "series_description",  # DICOM: SeriesDescription, empty where the PHI guard flags it (data/meta.py)
 ]
 META_BASE_COLUMNS = ["case_id", "slice", "slice_position"]
 SPLITS = ("train", "val", "test")
@@ -92,6 +94,16 @@ class DatasetFolder:
             return self.cases
         return self.cases[self.cases["split"] == split]
 
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """{split: {"cases": n, "patients": m}} for the splits that hold cases: a split of 6 cases can be one
+        patient, which is what says how far its scores generalise."""
+        out: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            rows = self.cases[self.cases["split"] == split]
+            if len(rows):
+                out[split] = {"cases": len(rows), "patients": int(rows["patient"].nunique())}
+        return out
+
     def fingerprint(self) -> str:
         """A short hash of the manifest files: what a cache or run was built from."""
         h = hashlib.sha256()
@@ -100,6 +112,16 @@ class DatasetFolder:
             if p.exists():
                 h.update(p.read_bytes())
         return h.hexdigest()[:16]
+
+
+def split_summary(counts: dict[str, dict[str, int]]) -> str:
+    """`train 4 cases (2 patients), val 6 cases (1 patient)` from `DatasetFolder.split_counts`."""
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}" + ("" if n == 1 else "s")
+
+    return ", ".join(f"{split} {plural(c['cases'], 'case')} ({plural(c['patients'], 'patient')})"
+                     for split, c in counts.items())
 
 
 def open_dataset(path: str | Path) -> DatasetFolder:

@@ -1,9 +1,11 @@
 """`medcl ingest`: DICOM folders, zips and NIfTI/NRRD/MHA files -> one dataset folder (data/folder.py).
 
-Everything is written into a temporary sibling folder that is renamed into place at the end, so a failed or
-killed ingest leaves no half dataset. PHI stays out of every file outside `private/`: case ids are
-`case_NNNN` (DICOM) or the NIfTI file name, patients are salted hashes of PatientID, report text is
-redacted, and PHI tags asked for with `--allow-phi` go to `private/meta_phi.csv` only.
+Everything is written into a temporary sibling folder that is renamed into place at the end, under a lock
+beside `--out` (core/lock.py; the checks and the swap are in ingest_output.py), so a failed or killed ingest
+leaves no half dataset and a second writer is refused. PHI stays out of every file outside `private/`: case
+ids are `case_NNNN` (DICOM) or the NIfTI file name, patients are salted hashes of PatientID, report rows, log
+lines and allowed free text go through the one Scrubber (phi.py), and identifiers asked for with
+`--allow-phi` go to `private/meta_phi.csv` only.
 
 One piece past 300 lines: the order of the ingest steps (walk, convert, split, write, report, swap) is
 what keeps a failed ingest from leaving anything behind; the steps themselves live in their modules.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,22 @@ from typing import Any
 from medcl_cli import __version__
 from medcl_cli.config import IngestConfig
 from medcl_cli.core.files import write_json_atomic, write_rows_atomic
+from medcl_cli.core.lock import output_lock
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.channels import channel_column, image_columns
 from medcl_cli.data.dicom.cases import DicomCase, Frame, ReportRow, ingest_dicom
 from medcl_cli.data.dicom.scan import walk_inputs
 from medcl_cli.data.folder import CASES_COLUMNS, FORMAT_VERSION
+from medcl_cli.data.ingest_failure import nothing_usable
 from medcl_cli.data.ingest_nifti import ingest_nifti
+from medcl_cli.data.ingest_output import (
+    check_output,
+    make_work,
+    remove_stale_work,
+    report_path_on_failure,
+    skip_own_outputs,
+    swap_into_place,
+)
 from medcl_cli.data.ingest_tables import (
     MetaTable,
     dicom_meta_rows,
@@ -39,13 +50,14 @@ from medcl_cli.data.ingest_tables import (
     volume_meta_rows,
 )
 from medcl_cli.data.meta import (
-    Redactor,
     normalised_columns,
     resolve_keywords,
     salted_hash,
+    scrubbed_keywords,
     split_phi,
 )
-from medcl_cli.errors import InputNotFoundError, OutputError, UsageError
+from medcl_cli.data.phi import ScrubbedReporter, Scrubber
+from medcl_cli.errors import InputNotFoundError, UsageError
 
 
 @dataclass
@@ -59,8 +71,10 @@ class IngestRequest:
     meta_csv: Path | None = None
     split_file: Path | None = None
     allow_phi: bool = False
+    allow_phi_tags: list[str] = field(default_factory=list)  # free-text --meta tags released to meta.csv, scrubbed
     overwrite: bool = False
     channels: list[str] = field(default_factory=list)  # --channels: one case per study, one channel per name
+    frames: str | int | None = None  # --frames: a 4D volume split per frame ("split") or frame N kept (volume_frames.py)
     cfg: IngestConfig = field(default_factory=IngestConfig)
 
 
@@ -74,21 +88,11 @@ class IngestResult:
     ignored: int  # expected skips: non-DICOM files, localizers, SR/PR/KO
     reasons: dict[str, int]
     missing_meta: dict[str, int]
+    split_patients: dict[str, int] = field(default_factory=dict)  # distinct patients per split
 
     @property
     def partial(self) -> bool:
         return self.failed > 0
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is a file", "choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {out} exists and is not empty", "add --overwrite to replace it, or choose a new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out.parent}: {exc.strerror}", "check permissions or choose another folder") from None
 
 
 def _display_fn(inputs: list[Path]) -> Any:
@@ -96,7 +100,7 @@ def _display_fn(inputs: list[Path]) -> Any:
 
     def display(path: str) -> str:
         base, _, member = path.partition("!")
-        p = Path(base).resolve()
+        p = Path(base).parent.resolve() / Path(base).name  # not the link's target: a broken link stays in place
         for r in roots:
             anchor = r if r.is_dir() else r.parent
             if p == r or anchor in p.parents:
@@ -113,7 +117,7 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
     missing = [p for p in req.inputs if not p.exists()]
     if missing:
         raise InputNotFoundError(f"input not found: {', '.join(str(p) for p in missing)}", "check the path(s)")
-    keywords = resolve_keywords(req.meta, req.allow_phi)
+    keywords = resolve_keywords(req.meta, req.allow_phi, req.allow_phi_tags)
     if req.label_series:
         import re
 
@@ -122,68 +126,47 @@ def ingest(req: IngestRequest, reporter: Reporter | None = None) -> IngestResult
         except re.error as exc:
             raise UsageError(f"--label-series '{req.label_series}' is not a valid regular expression: {exc}",
                              "e.g. --label-series Mask or --label-series '(?i)seg|mask'") from None
+    if req.frames is not None and req.channels:
+        raise UsageError("--frames is not combined with --channels", "split the 4D files into 3D files per channel "
+                         "first, or ingest them without --channels")
     public, phi = split_phi(keywords)
     meta_table = read_meta_csv(req.meta_csv) if req.meta_csv else None
     split_map = read_split_file(req.split_file) if req.split_file else None
     if req.labels_dir is not None and not req.labels_dir.is_dir():
         raise InputNotFoundError(f"--labels folder not found: {req.labels_dir}", "check the path")
     out = req.out.resolve()
-    _check_output(out, req.overwrite)
-    _remove_stale_work(out)
-    work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (work / "images").mkdir(parents=True)
-    (work / "labels").mkdir()
-    (work / ".pid").write_text(str(os.getpid()))
-    try:
-        result = _ingest_into(req, work, out, keywords, public, phi, meta_table, split_map, rep)
-        _swap_into_place(work, out)
-        return result
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _remove_stale_work(out: Path) -> None:
-    """Delete the half-written work folders of ingests into `out` that were killed (kill -9, power loss):
-    their process is gone, so nothing will finish or clean them."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+    check_output(out, req.overwrite)
+    with output_lock(out):  # a second ingest into the same --out is refused (exit 6), never silently replaced
+        state = check_output(out, req.overwrite)
+        remove_stale_work(out)
+        work = make_work(out)
         try:
-            pid = int((stale / ".pid").read_text())
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # another ingest into the same --out is running: leave it alone
-        except ProcessLookupError:
-            pass
-        except (OSError, ValueError):
-            continue  # no readable pid (not ours, or still being created)
-        shutil.rmtree(stale, ignore_errors=True)
+            result = _ingest_into(req, work, out, keywords, public, phi, meta_table, split_map, rep)
+            swap_into_place(work, out, state)
+            return result
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
 
 
-def _swap_into_place(work: Path, out: Path) -> None:
-    shutil.rmtree(work / ".masks", ignore_errors=True)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str], public: list[str], phi: list[str],
-                 meta_table: MetaTable | None, split_map: dict[str, str] | None, rep: Reporter) -> IngestResult:
+def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str], public: list[str],
+                 phi: list[str], meta_table: MetaTable | None, split_map: dict[str, str] | None,
+                 rep: Reporter) -> IngestResult:
     display = _display_fn(req.inputs)
+    redact = Scrubber()  # the one scrubber: report rows, log lines, allowed free-text meta values, errors
+    rep = ScrubbedReporter(rep, redact)
     walked = walk_inputs(req.inputs)
+    skipped_rows = skip_own_outputs(walked, req.inputs, out, display, rep)
     if req.labels_dir is not None:  # `ingest data/ --labels data/labels`: labels are not images
         lab_root = req.labels_dir.resolve()
         walked.volumes = [v for v in walked.volumes if lab_root not in v.resolve().parents]
-    redact = Redactor()
     taken: set[str] = set()
     from medcl_cli.data.dicom.scan import worker_count
 
     n_channels = max(len(req.channels), 1)
     channel_files: dict[str, list[Path]] = {}
     channel_notes: dict[str, list[str]] = {}
+    channel_series: dict[str, list[tuple[str, str]]] = {}
     if req.channels:
         from medcl_cli.data.channels_nifti import ingest_nifti_channels
 
@@ -191,7 +174,7 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             walked.volumes, req.channels, req.labels_dir, work, taken, display, rep)
     else:
         nifti_cases, rows = ingest_nifti(walked.volumes, req.labels_dir, work, taken, display, rep,
-                                         worker_count(req.cfg.workers))
+                                         worker_count(req.cfg.workers), req.frames)
     counter = [0]
 
     def new_case_id() -> str:
@@ -218,8 +201,13 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             dicom_cases = [m.case for m in merged]
             channel_files.update({m.case.case_id: m.files for m in merged})
             channel_notes.update({m.case.case_id: m.notes for m in merged})
+            channel_series.update({m.case.case_id: m.series for m in merged})
             drows += study_rows
     rows = [ReportRow(display(i.source.label()), "file", i.status, i.reason) for i in walked.issues] + rows + drows
+    rows += skipped_rows
+    for r in rows:  # every row, walk issues included, through the same scrubber
+        r.source, r.reason, r.description = redact(r.source), redact(r.reason), redact(r.description)
+    report_cols = ["source", "kind", "status", "reason", "case_id", "modality", "series_number", "description", "files"]
     salt = hashlib.sha256("\n".join(sorted({f.study for f in frames})).encode()).hexdigest()
     case_rows: list[dict[str, Any]] = []
     meta_rows: list[dict[str, Any]] = []
@@ -237,10 +225,12 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
             "label": f"labels/{c.case_id}.nii.gz" if c.label else "", "patient": patient,
             "spacing_x": c.conv.spacing[0], "spacing_y": c.conv.spacing[1], "spacing_z": c.conv.spacing[2],
             "size_x": c.conv.size[0], "size_y": c.conv.size[1], "size_z": c.conv.size[2],
-            "source": "dicom", "modality": c.plan.modality, "time_index": c.plan.time_index,
+            "source": "dicom", "modality": c.plan.modality,
+            **_series_columns(channel_series.get(c.case_id) or [(c.plan.series_number, c.plan.description)], redact),
+            "time_index": c.plan.time_index,
             "flags": "; ".join([*c.conv.flags, *channel_notes.get(c.case_id, [])]), "nonfinite_voxels": c.conv.nonfinite,
         })
-        mrows, prows = dicom_meta_rows(c, public, phi)
+        mrows, prows = dicom_meta_rows(c, public, phi, redact, scrubbed_keywords(public))
         meta_rows.extend(mrows)
         private_rows.extend(prows)
         f0 = c.plan.frames[0]
@@ -260,17 +250,18 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         })
         meta_rows.extend(volume_meta_rows(n.case_id, n.size[2], public))
     n_cases = len(case_rows)
-    if n_cases == 0:
+    if n_cases == 0:  # the report is written all the same, where it cannot mix with an earlier dataset
+        report = report_path_on_failure(out)
+        write_rows_atomic([r.__dict__ for r in rows], report_cols, report)
         reasons = Counter(r.status for r in rows)
         why = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) or "no files"
         refused = [r.reason for r in rows if r.status == "failed:missing-channel"]
         if req.channels and refused:
             raise InputNotFoundError(
-                f"--channels {','.join(req.channels)}: no study or case has every channel ({why}); e.g. {refused[0]}",
+                redact(f"--channels {','.join(req.channels)}: no study or case has every channel ({why}); e.g. {refused[0]}"),
                 "name the channels after the SeriesDescriptions (or file names) listed in the reason",
             )
-        raise InputNotFoundError(f"no usable image found in {', '.join(str(p) for p in req.inputs)} ({why})",
-                                 "point ingest at DICOM folders, zips or NIfTI/NRRD/MHA files")
+        raise nothing_usable(rows, req.inputs, report, redact)
     names.update(req.label_names)
     join_cols = _join_and_split(case_rows, meta_rows, meta_table, split_map, req, rep)
     case_rows.sort(key=lambda r: r["case_id"])
@@ -283,15 +274,15 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         meta_cols.append(key)
         meta_cols.extend(normalised_columns(key, ""))
     meta_cols += [c for c in join_cols if c not in meta_cols]
-    report_cols = ["source", "kind", "status", "reason", "case_id", "modality", "series_number", "description", "files"]
     labelled = sum(1 for r in case_rows if r["label"])
     counts = {"cases": n_cases, "labelled": labelled, "slices": len(meta_rows),
               **{s: sum(1 for r in case_rows if r["split"] == s) for s in ("train", "val", "test")}}
     missing_meta = {k: sum(1 for m in meta_rows if m.get(k, "") == "") for k in public}
+    split_patients = {s: len({r["patient"] for r in case_rows if r["split"] == s}) for s in ("train", "val", "test")}
     info = {
         "format_version": FORMAT_VERSION, "name": out.name, "labels": label_map(values, names),
         "modality": "/".join(sorted({r["modality"] for r in case_rows if r["modality"]})) or "unknown",
-        "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts,
+        "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts, "split_patients": split_patients,
         "meta_columns": meta_cols[3:], "missing_meta": missing_meta,
     }
     if req.channels:
@@ -301,16 +292,28 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
     write_rows_atomic([r.__dict__ for r in rows], report_cols, work / "ingest_report.csv")
     write_json_atomic(info, work / "dataset.json")
     if req.allow_phi and (phi or id_map):
-        (work / "private").mkdir()
+        # PHI: owner-only whatever the umask (everything else follows the umask, so a team can share it)
+        (work / "private").mkdir(mode=0o700)
+        os.chmod(work / "private", 0o700)
         write_rows_atomic(id_map, ["case_id", "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
                                    "files"], work / "private" / "id_map.csv")
         if phi:
             write_rows_atomic(private_rows, ["case_id", "slice", *phi], work / "private" / "meta_phi.csv")
+        for f in (work / "private").iterdir():
+            os.chmod(f, 0o600)
     statuses = Counter(r.status for r in rows)
     failed = sum(v for k, v in statuses.items() if k.startswith("failed"))
     ignored = sum(v for k, v in statuses.items() if k.startswith("ignored"))
     return IngestResult(out, n_cases, labelled, {s: counts[s] for s in ("train", "val", "test")},
-                        failed, ignored, dict(statuses), missing_meta)
+                        failed, ignored, dict(statuses), missing_meta, split_patients)
+
+
+def _series_columns(series: list[tuple[str, str]], redact: Scrubber) -> dict[str, str]:
+    """cases.csv's series_number and series_description (a multi-channel case's joined with `+`); a
+    description the PHI guard flags (a patient name, a date) is left empty rather than half-redacted."""
+    flagged = any(redact.flags(d) for _, d in series)
+    return {"series_number": "+".join(n for n, _ in series),
+            "series_description": "" if flagged else "+".join(d for _, d in series)}
 
 
 def _join_and_split(cases: list[dict[str, Any]], meta: list[dict[str, Any]], table: MetaTable | None,

@@ -6,6 +6,7 @@ train, so two cases of one patient never straddle splits and a re-ingest gives t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from medcl_cli.data.dicom.cases import DicomCase
 from medcl_cli.data.folder import SPLITS
-from medcl_cli.data.meta import normalised_columns, salted_hash
+from medcl_cli.data.meta import meta_cells, normalised_columns, salted_hash
 from medcl_cli.errors import InputNotFoundError, UsageError
 
 MetaTable = tuple[list[str], dict[str, dict[str, str]]]  # (columns without case_id, case_id -> row)
@@ -75,8 +76,10 @@ def patient_split(patients: list[str], val_fraction: float, test_fraction: float
     return out
 
 
-def dicom_meta_rows(case: DicomCase, public: list[str], phi: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(meta rows, private PHI rows) of one DICOM case, ordered like the NIfTI z axis."""
+def dicom_meta_rows(case: DicomCase, public: list[str], phi: list[str], scrub: Callable[[str], str] = str,
+                    scrubbed: Collection[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(meta rows, private PHI rows) of one DICOM case, ordered like the NIfTI z axis; the values of the
+    `scrubbed` keywords (free text allowed by --allow-phi-tags) go through `scrub` (data/phi.py)."""
     conv, plan = case.conv, case.plan
     n = conv.size[2]
     rows, private = [], []
@@ -92,8 +95,7 @@ def dicom_meta_rows(case: DicomCase, public: list[str], phi: list[str]) -> tuple
             elif key == "ImagePositionPatient" and (value == "" or not exact):
                 p = np.asarray(conv.origin) + k * conv.spacing[2] * normal
                 value = "\\".join(repr(round(float(v), 6)) for v in p)
-            row[key] = value
-            row.update(normalised_columns(key, value))
+            row.update(meta_cells(key, scrub(value) if key in scrubbed else value))
         rows.append(row)
         if phi:
             private.append({"case_id": case.case_id, "slice": k, **{key: fr.tags.get(key, "") for key in phi}})

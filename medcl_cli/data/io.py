@@ -44,9 +44,11 @@ def read_image(path: str | Path, finite: bool = False) -> sitk.Image:
         cut = gzip_truncated(p, image)
     except (RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InvalidDataError(
-            f"cannot read {p}: {first}", "the file may be truncated or not a NIfTI/NRRD/MHA volume"
-        ) from None
+        hint = "the file may be truncated or not a NIfTI/NRRD/MHA volume"
+        if "orthonormal" in first:  # ITK refuses a sheared or scaled direction (sform/qform) outright
+            first = "its direction (the rotation part of the sform/qform affine) is not orthonormal"
+            hint = "fix the header's affine (a rotation, with the voxel size in the spacing) or re-export the image"
+        raise InvalidDataError(f"cannot read {p}: {first}", hint) from None
     if cut:
         raise InvalidDataError(f"{p} is truncated (its compressed data ends early)", "copy or export the file again")
     if finite:

@@ -23,7 +23,6 @@ fine-tuned on the masks of N training patients only, after GCL pretraining on al
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from medcl_cli.core.files import make_tempdir
 from medcl_cli.core.runfolder import read_run_info
 from medcl_cli.demo.dicom_writer import (
     MASK_DESCRIPTION,
@@ -121,7 +121,7 @@ def prepare(out: Path, size: DemoSize, overwrite: bool = False, seed: int = 0) -
 
 
 def _write_atomic(target: Path, size: DemoSize, patients: int, labelled: int, seed: int, first: int) -> DemoDicom:
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = make_tempdir(f".tmp-{target.name}-", target.parent)
     try:
         demo = write_demo_dicom(tmp, patients, labelled, size.slices, size.size, seed, first)
         tmp.rename(target)

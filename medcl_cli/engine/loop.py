@@ -34,6 +34,7 @@ from medcl_cli.data.batches import (
     mark_labeled,
 )
 from medcl_cli.data.dataset import open_slices
+from medcl_cli.data.folder import split_summary
 from medcl_cli.engine import checkpoint as ckpt_io
 from medcl_cli.engine import distributed as D
 from medcl_cli.engine.device import (
@@ -42,6 +43,7 @@ from medcl_cli.engine.device import (
     resolve_device,
     resolve_precision,
 )
+from medcl_cli.engine.eta import WallEstimate
 from medcl_cli.engine.optim import build_optimizer, lr_at, set_lr
 from medcl_cli.engine.runs import (
     RunFolder,
@@ -58,6 +60,7 @@ from medcl_cli.engine.setup import (
     resume_rank_rng,
     run_info,
     seed_everything,
+    trains_segmentation,
 )
 from medcl_cli.engine.validation import load_val_cases, validate
 from medcl_cli.errors import EXIT_INTERRUPTED, Interrupted, MedclError, UsageError
@@ -181,10 +184,10 @@ def _fit(
     loader.generator = torch.Generator().manual_seed(tcfg.seed)  # keep the global RNG untouched
     # a method validates when it trains the segmentation head on masks; semicl uses masks for its local
     # contrast only (`validates = False`), so a Dice of its untrained head would pick a meaningless best.pt
-    validates = "labeled" in needs and bool(getattr(method, "validates", True))
+    validates = trains_segmentation(method)
     val_cases = load_val_cases(slices, "val", cfg.data.resize) if (validates and env.is_main) else []
     run.start(
-        run_info(req, device, dtype, slices, patients, info, workers, t_cache),
+        run_info(req, device, dtype, slices, patients, info, workers, t_cache, validates),
         dump_yaml(cfg),
         start if req.resume else None,
     )
@@ -194,6 +197,7 @@ def _fit(
         f"{req.stage} {cfg.method}: {tcfg.steps} steps, batch {tcfg.batch_size}{mix_note}, "
         f"{len(patients)} labelled patient(s), {int(slices.split_mask('train').sum())} training slices"
     )
+    rep.log(f"splits: {split_summary(slices.folder.split_counts())}")
     local_rows = torch.from_numpy(sampler.local_rows())
     timers = {"data": 0.0, "step": 0.0, "val": 0.0, "t0": t0, "wall0": 0.0, "train0": 0.0}
     if req.resume:  # wall and training seconds continue from the killed run's last checkpoint
@@ -205,6 +209,7 @@ def _fit(
     if start:
         rep.advance(req.stage, start)
     tick = time.perf_counter()
+    eta = WallEstimate(start, tcfg.steps)
     for t, batch in zip(range(start, tcfg.steps), loader):
         batch = _to_device(batch, device)
         gen = torch.Generator().manual_seed(int(tcfg.seed) * 1_000_003 + t)
@@ -250,6 +255,8 @@ def _fit(
                 run.metric(step, "train", k, v)
             run.metric(step, "train", "lr", opt.param_groups[0]["lr"])
         rep.advance(req.stage, 1, loss=values["loss"])
+        if (line := eta.observe(step)) is not None:
+            rep.log(line)
         # under DDP every rank stops at the same step (the flag travelled with the loss all-reduce)
         stopping = bool(vec[-1].item() > 0) or (not env.enabled and stop.set)
         end = step == tcfg.steps
@@ -307,7 +314,7 @@ def _save_last(run: RunFolder, env: D.DistEnv, method: Any, opt: Any, scaler: An
     # under DDP, every rank's generators (a collective: all ranks call it), so a resume continues each stream
     rngs = D.gather_objects(env, ckpt_io.rng_state()) if env.enabled else None
     if env.is_main:
-        state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, full=True)
+        state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, True, run.info.get("data_profile"))
         if rngs is not None:
             state["rng_ranks"] = rngs
         ckpt_io.save(run.ckpt_dir / "last.pt", state)
@@ -335,7 +342,7 @@ def _validate(method: Any, slices: Any, val_cases: list[Any], device: torch.devi
         run.event("validation", step=step, **scores)
         if improved:
             best = float(dice)
-            state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, full=False)
+            state = checkpoint_state(method, opt, scaler, step, best, cfg, req.stage, slices, False, run.info.get("data_profile"))
             ckpt_io.save(run.ckpt_dir / "best.pt", state)
             run.info["best"] = {"metric": "val_dice", "value": best, "step": step}
     if env.enabled:

@@ -15,6 +15,7 @@ from typing import Any
 from medcl_cli.core.files import (
     atomic_path,
     remove_stale_temporaries,
+    safe_row,
 )
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.core.runfolder import (
@@ -117,7 +118,7 @@ class RunFolder:
     def flush(self) -> None:
         if self.active and self.started and self._rows:
             with open(self.root / "metrics.csv", "a", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerows(self._rows)
+                csv.writer(fh).writerows(safe_row(r) for r in self._rows)
             self._rows.clear()
 
     def event(self, kind: str, **fields: Any) -> None:

@@ -91,6 +91,16 @@ def check_init_channels(state: dict[str, Any], source: Path, names: list[str]) -
         )
 
 
+def data_spec(slices: SliceSet, stage: str, world_size: int = 1) -> DataSpec:
+    """What a method may know about the data (core/protocol.py), as the loop gives it."""
+    from medcl_cli.data.profile import categorical_meta
+
+    return DataSpec(
+        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=world_size,
+        meta_categorical=categorical_meta(slices.meta_names, slices.meta_values, slices.meta, slices.case),
+    )
+
+
 def build_method(
     cfg: Config, stage: str, slices: SliceSet, env: D.DistEnv, device: torch.device, init_from: Path | None, rep: Reporter
 ) -> tuple[nn.Module, MethodInfo]:
@@ -101,10 +111,9 @@ def build_method(
     net = build_unet(cfg.model, slices.num_classes)
     if init_from is not None:
         load_init(net, init_from, rep, slices.channel_names)
-    spec = DataSpec(
-        num_classes=slices.num_classes, meta_cardinality=slices.meta_cardinality, stage=stage, world_size=env.world
-    )
-    method = cls(net, cfg, spec).to(device)
+    method = cls(net, cfg, data_spec(slices, stage, env.world)).to(device)
+    for note in getattr(method, "notes", ()):  # what the method chose from the data (gcl: its meta labels)
+        rep.log(str(note))
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     if env.enabled:
@@ -133,11 +142,18 @@ def load_init(net: nn.Module, source: Path, rep: Reporter, channel_names: list[s
     )
 
 
+def trains_segmentation(method: nn.Module) -> bool:
+    """Whether the method trains the segmentation head on masks (then the loop validates it, and predict /
+    evaluate accept the run). semicl uses masks for its local contrast only (`validates = False`)."""
+    return "labeled" in set(getattr(method, "needs", {"labeled"})) and bool(getattr(method, "validates", True))
+
+
 def checkpoint_state(
     method: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int, best: float | None, cfg: Config,
-    stage: str, slices: SliceSet, full: bool,
+    stage: str, slices: SliceSet, full: bool, profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG)."""
+    """The checkpoint dict; `full` adds what resuming needs (optimizer, scaler, RNG); `profile` is the
+    training data's profile (data/profile.py) that predict and evaluate compare inputs with."""
     net = method.get_submodule("net")  # the registered U-Net, typed nn.Module
     state: dict[str, Any] = {
         "format": ckpt_io.FORMAT,
@@ -158,7 +174,10 @@ def checkpoint_state(
             "normalize": cfg.data.normalize,
         },
         "versions": versions(),
+        "segmentation_trained": trains_segmentation(method),
     }
+    if profile:
+        state["data_profile"] = profile
     ev = eval_net(method)
     if ev is not net:
         state["eval_model"] = ev.state_dict()
@@ -204,10 +223,11 @@ def resume_rank_rng(saved: list[dict[str, Any]] | None, env: Any, fallback_seed:
 
 def run_info(
     req: Any, device: torch.device, dtype: torch.dtype, slices: SliceSet, patients: list[str], info: MethodInfo,
-    workers: int, cache_s: float,
+    workers: int, cache_s: float, segmentation_trained: bool = True,
 ) -> dict[str, Any]:
-    """The run.json fields known at the start."""
+    """The run.json fields known at the start, the training data's profile (data/profile.py) included."""
     folder = slices.folder
+    from medcl_cli.data.profile import dataset_profile
     from medcl_cli.engine.runs import now
 
     return {
@@ -227,7 +247,10 @@ def run_info(
             "fingerprint": folder.fingerprint(),
             "cases": len(slices.case_ids),
             "slices": int(len(slices.case)),
+            "splits": folder.split_counts(),  # {split: {cases, patients}}
         },
+        "data_profile": dataset_profile(folder) if req.dist.is_main else None,  # only rank 0 writes run.json
+        "segmentation_trained": segmentation_trained,
         "labeled_patients": patients,
         "init_from": str(req.init_from) if req.init_from else None,
         "data_workers": workers,

@@ -13,6 +13,14 @@ of the distances from each surface voxel of one mask to the nearest surface voxe
 mask voxels with at least one face-neighbour outside the mask (the image border counts as outside).
 NSD (normalised surface Dice, Nikolov et al. 2021) is the share of both surfaces lying within a tolerance
 (mm) of the other surface. Summaries count NaN values (`n_nan`) next to every statistic instead of dropping them silently.
+
+Why by hand and not MONAI's `compute_dice` / `compute_hausdorff_distance(percentile=95)` /
+`compute_surface_dice`: on non-empty masks they give the same numbers (tests/test_monai_parity.py checks
+them on ACDC-derived predictions: Dice to 1e-9, HD95 and NSD to a relative 1e-6, MONAI's distances being
+float32), and this module is measured 3.4x faster per case and class (0.19 s against 0.66 s for the 3
+foreground classes of 3 ACDC volumes, MONAI 1.6.1, 2 CPU cores): one pair of distance transforms on the
+masks' bounding box serves HD95 and NSD, where MONAI extracts the edges and runs the transforms once per
+metric. MONAI returns NaN or inf when a mask is empty; the empty-mask rule above replaces those.
 """
 
 from __future__ import annotations

@@ -130,10 +130,16 @@ def evaluate_dataset(
     nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
     reporter: Reporter | None = None,
     report: bool = False,
+    strict: bool = False,
 ) -> EvalResult:
     """Score every labelled case of `split`; write the CSVs, summary.json and (optionally) overlays and
-    the self-contained `report.html`."""
+    the self-contained `report.html`. A pretraining-only run is refused (exit 4); a split far from the
+    run's training data (predict/fit.py) is a warning, or with `strict` a refusal (exit 4)."""
+    from medcl_cli.data.profile import dataset_profile
+    from medcl_cli.predict.fit import check_fit, require_trained_head
+
     rep = reporter or NullReporter()
+    require_trained_head(model.segmentation_trained, str(model.run_dir), model.method)
     check_label_maps(model, ds)
     check_channels(model, ds, rep)
     rows_split = select_cases(ds, split)
@@ -146,8 +152,10 @@ def evaluate_dataset(
         raise InputNotFoundError(
             f"no labelled cases in split '{split}' of {ds.root}", "evaluate a split whose cases have masks"
         )
-    if model.stage == "pretrain":
-        rep.log("this run is a pretraining run: its segmentation head was not trained on masks", "warning")
+    given = dataset_profile(ds, split if split != "all" else None, intensity=False)
+    fit_notes = check_fit(model.profile, given, f"split '{split}' of {ds.root}", strict)
+    for note in fit_notes:
+        rep.log(f"{note} (scores may be poor; --strict refuses)", "warning")
     prepare_out(out, overwrite)
     rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
@@ -190,6 +198,7 @@ def evaluate_dataset(
             "split": split,
             "nsd_tolerance_mm": nsd_tolerance_mm,
             "skipped_unlabelled": skipped,
+            "fit_warnings": fit_notes,
             "worst_cases": [{"case_id": c, "mean_dice": float(d)} for c, d in worst.items()],
             "seconds_per_case": float(np.mean(list(seconds.values()))) if seconds else 0.0,
             "overlays": "overlays/" if overlays else None,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from medcl_cli.core.files import make_tempdir
 from medcl_cli.data.folder import DatasetFolder
 from medcl_cli.errors import InvalidDataError, OutputError
 
@@ -59,7 +59,7 @@ def place_file(src: Path, dst: Path, result: ExportResult, copy: bool) -> None:
             return
         except OSError:
             pass
-    shutil.copy2(src, dst)
+    shutil.copyfile(src, dst)  # not copy2: the copy takes the umask's mode, not the source's
     result.copied += 1
 
 
@@ -68,7 +68,7 @@ def prepare_target(target: Path, overwrite: bool) -> Path:
     if target.exists() and not overwrite:
         raise OutputError(f"output exists: {target}", "pass --overwrite to replace it, or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    return make_tempdir(f".tmp-{target.name}-", target.parent)
 
 
 def commit_target(tmp: Path, target: Path) -> None:

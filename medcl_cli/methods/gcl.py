@@ -32,7 +32,7 @@ from torch import nn
 
 from medcl_cli.core.collectives import all_reduce_sum, gather_with_grad
 from medcl_cli.data.augment import align, identity, overlap_mask
-from medcl_cli.errors import InvalidDataError, UsageError
+from medcl_cli.errors import InvalidDataError, UsageError, did_you_mean
 from medcl_cli.methods.gradients import (
     backward_on_features,
     backward_on_parameters,
@@ -47,6 +47,35 @@ from medcl_cli.models.unet import UNet
 SLICE_PART = "slice_part"
 
 
+AUTO = "auto"
+PREFERRED = ("phase", "cardiac_phase")  # the paper's third perspective on ACDC, first when a dataset has it
+
+
+def auto_meta_labels(cardinality: dict[str, int], categorical: tuple[str, ...]) -> tuple[str, ...]:
+    """What `auto` stands for on a dataset: `patient` (when it has two patients or more), one categorical
+    column of a case (`phase` first, else the first of `categorical`, e.g. a diagnosis `group`), and
+    `slice_part` (slice position, always available)."""
+    picks = ["patient"] if cardinality.get("patient", 0) >= 2 else []
+    extra = [c for c in PREFERRED if c in categorical] + [c for c in categorical if c not in PREFERRED]
+    return (*picks, *extra[:1], SLICE_PART)
+
+
+def resolve_meta_labels(
+    names: tuple[str, ...], cardinality: dict[str, int], categorical: tuple[str, ...], partitions: int
+) -> tuple[tuple[str, ...], str]:
+    """(the meta labels, a line saying which were chosen): `auto` expands in place (auto_meta_labels),
+    explicit names are kept; the result is checked by `check_meta_labels`."""
+    if AUTO not in names:
+        return check_meta_labels(names, cardinality, partitions), f"gcl meta labels: {', '.join(names)}"
+    auto = auto_meta_labels(cardinality, categorical)
+    out: list[str] = []
+    for name in names:
+        out += [a for a in auto if a not in out and a not in names] if name == AUTO else [name]
+    labels = check_meta_labels(tuple(out), cardinality, partitions)
+    skipped = "" if "patient" in labels else " (one patient only: no patient label)"
+    return labels, f"gcl meta labels (auto): {', '.join(labels)}{skipped}; name your own with --set gcl.meta_labels=..."
+
+
 def check_meta_labels(names: tuple[str, ...], cardinality: dict[str, int], partitions: int) -> tuple[str, ...]:
     """The configured meta labels, validated against the dataset's meta columns before training starts.
 
@@ -55,7 +84,7 @@ def check_meta_labels(names: tuple[str, ...], cardinality: dict[str, int], parti
     `patient` id, or meta.csv columns) with at least two distinct values.
     """
     if not names:
-        raise UsageError("gcl.meta_labels is empty", "name at least one meta column, e.g. patient,phase,slice_part")
+        raise UsageError("gcl.meta_labels is empty", "name at least one meta column, e.g. [auto] or patient,slice_part")
     if len(set(names)) != len(names):
         raise UsageError(f"gcl.meta_labels lists a column twice: {list(names)}", "name each column once")
     available = dict(cardinality)
@@ -63,10 +92,12 @@ def check_meta_labels(names: tuple[str, ...], cardinality: dict[str, int], parti
     columns = ", ".join(sorted(available))
     for name in names:
         if name not in available:
+            suggestion = did_you_mean(name, [*available, AUTO])
             raise InvalidDataError(
-                f"GCL meta label '{name}' is not a meta column of this dataset (columns: {columns})",
-                "set gcl.meta_labels to existing columns (--set gcl.meta_labels=patient,slice_part) "
-                "or add the column to meta.csv / cases.csv",
+                f"GCL meta label '{name}' is not a meta column of this dataset"
+                + (f"; {suggestion}" if suggestion else "") + f" (columns: {columns})",
+                "set gcl.meta_labels to existing columns (--set gcl.meta_labels=patient,slice_part), or [auto] "
+                "for the dataset's own, or add the column to meta.csv / cases.csv",
             )
         if available[name] < 2:
             what = "gcl.partitions" if name == SLICE_PART else f"column '{name}'"
@@ -94,7 +125,10 @@ class GCL(nn.Module):
         super().__init__()
         g = cfg.gcl
         self.net = net
-        self.meta_labels = check_meta_labels(tuple(g.meta_labels), dict(spec.meta_cardinality), g.partitions)
+        self.meta_labels, note = resolve_meta_labels(
+            tuple(g.meta_labels), dict(spec.meta_cardinality), tuple(getattr(spec, "meta_categorical", ())), g.partitions
+        )
+        self.notes = [note]  # logged by the engine: the labels this run contrasts
         self.partitions = int(g.partitions)
         self.tau = float(g.temperature)
         self.pixel_tau = float(g.pixel_temperature)

@@ -41,8 +41,8 @@ def _loader(paths: list[Path], finite: bool = True) -> Callable[[], sitk.Image]:
 def _volume_case(name: str, paths: list[Path], channels: list[str]) -> PredictInput:
     return PredictInput(
         name=name, kind="volume", files=list(paths), load=_loader(paths),
-        display=" + ".join(p.name for p in paths),
-        info={"channels": {ch: p.name for ch, p in zip(channels, paths)}},
+        display=" + ".join(p.name for p in paths), given=str(paths[0]),
+        info={"channels": {ch: str(p) for ch, p in zip(channels, paths)}},  # each path as given
     )
 
 
@@ -141,7 +141,7 @@ def _dicom_cases(roots: list[Path], channels: list[str], workdir: Path, rep: Rep
         first = chosen[0]
         found.append(PredictInput(
             name=first.name, kind="dicom", files=[f for c in chosen for f in c.files], load=load,
-            display=first.display, frames=first.frames,
+            display=first.display, frames=first.frames, given=first.given, pseudonym=first.pseudonym,
             info={**first.info, "channels": {ch: c.display for ch, c in zip(channels, chosen)}},
         ))
     if not found and not failed:

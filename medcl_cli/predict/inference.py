@@ -22,7 +22,6 @@ from torch import nn
 
 from medcl_cli.config import DataConfig, InferenceConfig
 from medcl_cli.core.runfolder import RunInfoError, read_run_info
-from medcl_cli.data.preprocess import logits_to_volume
 from medcl_cli.data.channels import channel_arrays
 from medcl_cli.data.preprocess import channel_slices, logits_to_volume
 from medcl_cli.engine.device import autocast, resolve_precision
@@ -48,6 +47,8 @@ class LoadedModel:
     device: torch.device
     extra: dict[str, Any] = field(default_factory=dict)
     channel_names: list[str] = field(default_factory=lambda: ["image"])  # input channels, in order
+    segmentation_trained: bool = True  # the head was trained on masks (predict/fit.py head_trained)
+    profile: dict[str, Any] | None = None  # the training data's profile (data/profile.py), when recorded
 
     @property
     def num_classes(self) -> int:
@@ -57,6 +58,11 @@ class LoadedModel:
     def num_channels(self) -> int:
         return len(self.channel_names)
 
+    @property
+    def run_dir(self) -> Path:
+        """The run folder the checkpoint lies in (the checkpoint file itself when it is outside one)."""
+        return self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else self.checkpoint
+
 
 def normalize_label_map(raw: Any) -> dict[int, str]:
     """`{"0": "background", ...}` (JSON keys are strings) as `{0: "background", ...}`."""
@@ -65,16 +71,20 @@ def normalize_label_map(raw: Any) -> dict[int, str]:
     return {int(k): str(v) for k, v in dict(raw).items()}
 
 
-def _run_id(run: Path, ckpt_path: Path) -> str:
-    """The run's id from run.json when present, else the run folder's name."""
+def _run_info(run: Path, ckpt_path: Path) -> tuple[Path, dict[str, Any]]:
+    """The run folder and its run.json (empty when absent or unreadable)."""
     if run.is_dir():
         folder = run
     else:
         folder = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     try:
-        data = read_run_info(folder)
+        return folder, read_run_info(folder)
     except (OSError, RunInfoError):
-        data = {}
+        return folder, {}
+
+
+def _run_id(folder: Path, data: dict[str, Any]) -> str:
+    """The run's id from run.json when present, else the run folder's name."""
     for key in ("run_id", "id", "name"):
         if isinstance(data.get(key), str) and data[key]:
             return str(data[key])
@@ -84,10 +94,12 @@ def _run_id(run: Path, ckpt_path: Path) -> str:
 def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The network of a run folder (best.pt, else last.pt) or checkpoint file, in eval mode on `device`."""
     from medcl_cli.engine.checkpoint import load_network, resolve
+    from medcl_cli.predict.fit import head_trained
 
     run = Path(run)
     ckpt_path = resolve(run)
     net, ckpt = load_network(run, device)
+    folder, info = _run_info(run, ckpt_path)
     if torch.device(device).type == "cuda":  # channels-last weights: cudnn's fast NHWC kernels, as in training
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
     label_map = normalize_label_map(ckpt.get("label_map"))
@@ -106,11 +118,13 @@ def load_model(run: str | Path, device: str | torch.device = "cpu") -> LoadedMod
         preprocessing=prep,
         method=str(ckpt.get("method", "unknown")),
         stage=str(ckpt.get("stage", "unknown")),
-        run_id=_run_id(run, ckpt_path),
+        run_id=_run_id(folder, info),
         checkpoint=ckpt_path,
         device=torch.device(device),
         extra={"step": ckpt.get("step")},
         channel_names=_channel_names(ckpt, net),
+        segmentation_trained=head_trained(ckpt, info),
+        profile=ckpt.get("data_profile") or info.get("data_profile"),
     )
 
 

@@ -10,9 +10,17 @@ from medcl_cli.errors import InputNotFoundError, UsageError
 from medcl_cli.predict.item import PredictInput
 
 
+def output_name(path: Path) -> str:
+    """A volume's output name: its file name without the extension, and without nnU-Net's channel suffix
+    `_0000` (`case_0000.nii.gz` -> `case`, as nnU-Net names its predictions)."""
+    stem = strip_suffix(path.name)
+    return stem[:-5] if stem.endswith("_0000") and len(stem) > 5 else stem
+
+
 def _volume_input(path: Path) -> PredictInput:
     return PredictInput(
-        name=strip_suffix(path.name), kind="volume", files=[path], load=lambda: read_image(path, finite=True), display=path.name
+        name=output_name(path), kind="volume", files=[path], load=lambda: read_image(path, finite=True),
+        display=path.name, given=str(path),
     )
 
 
@@ -53,8 +61,20 @@ def collect_inputs(
         dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
         found.extend(dic)
         failed.extend(dic_failed)
+    _keep_suffix_where_it_collides(found)
     check_unique(found)
     return found, failed
+
+
+def _keep_suffix_where_it_collides(inputs: list[PredictInput]) -> None:
+    """`case_0000.nii.gz` next to a `case.nii.gz` (an nnU-Net raw folder with imagesTr/ and labelsTr/):
+    the first keeps its full stem rather than both being refused."""
+    count: dict[str, int] = {}
+    for item in inputs:
+        count[item.name] = count.get(item.name, 0) + 1
+    for item in inputs:
+        if item.kind == "volume" and count[item.name] > 1 and len(item.files) == 1:
+            item.name = strip_suffix(item.files[0].name)
 
 
 def _has_other_files(folder: Path) -> bool:
@@ -68,7 +88,7 @@ def _has_other_files(folder: Path) -> bool:
 def check_unique(inputs: list[PredictInput]) -> None:
     by_name: dict[str, list[str]] = {}
     for item in inputs:
-        by_name.setdefault(item.name, []).append(item.display)
+        by_name.setdefault(item.name, []).append(item.given or item.display)
     dup = {k: v for k, v in by_name.items() if len(v) > 1}
     if dup:
         name, where = next(iter(dup.items()))

@@ -23,3 +23,5 @@ class PredictInput:
     frames: list[tuple[Any, int]] = field(default_factory=list)  # DICOM: (data.dicom.source.Source, 0-based frame) per slice
     study: str = ""  # DICOM: StudyInstanceUID (memory only, never written): groups a study's channels
     description: str = ""  # DICOM: SeriesDescription (memory only): what --channels names match
+    given: str = ""  # the input path as the user gave it (a file, or the DICOM folder holding the series)
+    pseudonym: str = ""  # DICOM: `series_<12 hex>` of the SeriesInstanceUID, the patient identity of a SEG

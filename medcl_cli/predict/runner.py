@@ -25,6 +25,7 @@ from medcl_cli.data.io import (
     write_image,
 )
 from medcl_cli.errors import MedclError, OutputError, UsageError
+from medcl_cli.predict.fit import NotFitError, check_fit, require_trained_head
 from medcl_cli.predict.inference import (
     DEFAULT_BATCH,
     LoadedModel,
@@ -49,6 +50,7 @@ def sidecar(model: LoadedModel, item: PredictInput, out_img: sitk.Image, fmt: st
     """What the JSON beside each mask records: model, input hash, label map and the grid written."""
     return {
         "name": item.name,
+        "input": item.given,  # the path as given on the command line (a DICOM series: the folder holding it)
         "input_kind": item.kind,
         "input_sha256": sha256_files(item.files),
         "input_files": len(item.files),
@@ -77,8 +79,13 @@ def predict_all(
     batch_size: int = DEFAULT_BATCH,
     allow_phi: bool = False,
     reporter: Reporter | None = None,
+    strict: bool = False,
 ) -> PredictResult:
-    """Segment every input into `out`; finished cases (sidecar present) are skipped unless `overwrite`."""
+    """Segment every input into `out`; finished cases (sidecar present) are skipped unless `overwrite`.
+
+    Each input is compared with the run's training data (predict/fit.py): a mismatch is a warning in the
+    log and the sidecar (`fit_warnings`), or with `strict` a NotFitError that stops the run (exit 4)."""
+    require_trained_head(model.segmentation_trained, str(model.run_dir), model.method)
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format '{fmt}'", f"use one of {', '.join(FORMATS)}")
     if fmt == "dicom-seg":
@@ -110,18 +117,28 @@ def predict_all(
             continue
         try:
             image = item.load()
+            from medcl_cli.data.profile import image_profile
+
+            extra: dict[str, Any] = {}
+            notes = check_fit(model.profile, image_profile(image, item.info.get("modality")), item.display, strict)
+            if notes:
+                rep.log(f"{item.display}: {'; '.join(notes)} (the mask may be poor; --strict refuses it)", "warning")
+                extra["fit_warnings"] = notes
             label = predict_image(model, image, batch_size)
             write_image(label, nii)
-            extra: dict[str, Any] = {}
             if fmt == "dicom-seg":
                 from medcl_cli.predict.seg_writer import write_dicom_seg
 
                 seg_path = out / f"{item.name}.seg.dcm"
-                write_dicom_seg(label, image, item.files, model, seg_path, item.name, allow_phi, item.frames)
+                # the SEG's patient is the series' UID pseudonym: unique per series, unlike a readable name
+                write_dicom_seg(label, image, item.files, model, seg_path, item.pseudonym or item.name, allow_phi,
+                                item.frames)
                 extra["dicom_seg"] = seg_path.name
             write_json_atomic(sidecar(model, item, label, fmt, extra), js)
             res.written.append(item.name)
             rep.advance(TASK, 1, case=item.name)
+        except NotFitError:
+            raise
         except MedclError as exc:
             res.failed.append((item.display, exc.message))
             rep.log(f"{item.display}: {exc.message}", "warning")

@@ -5,8 +5,8 @@ multi-frame object), so it is only written when the mask's grid is the series' o
 image's or frame's ImagePositionPatient must fall on a slice of the volume and its
 ImageOrientationPatient must match the volume's direction (a series resampled on ingest, e.g. for gantry
 tilt, is refused with a clear message). Patient and study attributes are copied from the source only with
-`--allow-phi`; otherwise they are replaced by the case's pseudonymous name and emptied (UIDs are kept: the
-SEG must point at the images it segments).
+`--allow-phi`; otherwise they are replaced by the series pseudonym (`series_<hash>`) and emptied (UIDs are
+kept: the SEG must point at the images it segments).
 """
 
 from __future__ import annotations

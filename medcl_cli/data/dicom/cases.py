@@ -155,14 +155,24 @@ def ingest_dicom(
         case = DicomCase(ids[i], plan, conv, workdir / "images" / f"{ids[i]}.nii.gz")
         row.case_id = case.case_id
         cases.append(case)
-    _attach_masks(cases, masks, plan_rows, workdir)
+    _attach_masks(cases, masks, plan_rows, workdir, redact)
     _attach_segs(cases, frames, rows, workdir, display, redact)
     return cases, rows, frames
 
 
+def mask_class_names(description: str, values: list[int], redact: Redactor) -> dict[int, str]:
+    """Class names a mask series gives its values: its SeriesDescription (`Mask_Tumor`) for a one-class
+    mask, `<description>_<value>` for several; none when the description is empty or flagged as PHI."""
+    name = redact.keep(" ".join(description.split()))
+    fg = sorted(v for v in values if v != 0)
+    if not name:
+        return {}
+    return {v: name if len(fg) == 1 else f"{name}_{v}" for v in fg}
+
+
 def _attach_masks(cases: list[DicomCase], masks: list[tuple[int, SeriesPlan, Converted]],
-                  plan_rows: dict[int, ReportRow], workdir: Path) -> None:
-    """A mask series labels every image series of its study on the same grid."""
+                  plan_rows: dict[int, ReportRow], workdir: Path, redact: Redactor) -> None:
+    """A mask series labels every image series of its study on the same grid (and names its classes)."""
     for i, mplan, mconv in masks:
         path = workdir / ".masks" / f"mask_{i:05d}.nii.gz"
         row = plan_rows[i]
@@ -180,6 +190,7 @@ def _attach_masks(cases: list[DicomCase], masks: list[tuple[int, SeriesPlan, Con
             dest = workdir / "labels" / f"{c.case_id}.nii.gz"
             shutil.copyfile(path, dest)
             c.label, c.label_values = dest, list(mconv.values)
+            c.label_names = mask_class_names(mplan.description, c.label_values, redact)
             done.append(c.case_id)
         row.status = "label"
         row.reason = "label of " + (", ".join(done) if done else "no case (already labelled)")

@@ -85,7 +85,7 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     except Exception as exc:  # decoding failures are classified below
         if ts in DECODERS:
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
-            raise ValueError(f"{syntax_name(ts)} pixel data cannot be decoded by {DECODERS[ts][2]} "
+            raise ValueError(f"{syntax_name(ts)} ({ts}) data cannot be decoded by {DECODERS[ts][2]} "
                              f"(damaged or truncated?): {last}") from None
         raise
     finally:

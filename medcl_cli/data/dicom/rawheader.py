@@ -232,7 +232,7 @@ def parse(buf: bytes, complete: bool) -> RawHeader:
     end = _elements(buf, pos, implicit, spans)
     if end >= len(buf) and not complete:
         raise _More
-    pixel = end if end < len(buf) else -1
+    pixel = end  # the pixel data element's start, or the file's end when it has none (as pydicom's tell())
     if any(t in spans for t in NESTED):
         raise _Unsure
     return RawHeader(buf, spans, implicit, tsyntax, meta.get(0x0002, ""), pixel)

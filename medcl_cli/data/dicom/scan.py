@@ -21,6 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medcl_cli.core.report import NullReporter, Reporter
+from medcl_cli.data.dicom import zip_limits
 from medcl_cli.data.dicom.dicomdir import is_dicomdir_name, read_dicomdir
 from medcl_cli.data.dicom.frames import frames_of
 from medcl_cli.data.dicom.rawheader import read_raw
@@ -72,11 +73,20 @@ def walk_inputs(paths: Iterable[Path]) -> Walked:
             elif p.suffix.lower() == ".zip" and zipfile.is_zipfile(p):
                 try:
                     with zipfile.ZipFile(p) as zf:
-                        names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+                        infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
                 except (zipfile.BadZipFile, OSError) as exc:
                     out.issues.append(FileIssue(Source(str(p)), "failed:corrupt", f"unreadable zip archive: {exc}"))
                     continue
-                out.dicom.extend(Source(str(p), n) for n in names if not n.startswith("__MACOSX/"))
+                if whole := zip_limits.archive_problem(infos):  # bounded before any member is read
+                    out.issues.append(FileIssue(Source(str(p)), zip_limits.STATUS, whole))
+                    continue
+                for i in infos:
+                    if i.filename.startswith("__MACOSX/"):
+                        continue
+                    if why := zip_limits.member_problem(i):
+                        out.issues.append(FileIssue(Source(str(p), i.filename), zip_limits.STATUS, why))
+                    else:
+                        out.dicom.append(Source(str(p), i.filename))
             elif is_dicomdir_name(p):
                 _add_dicomdir(p, out, seen)
             else:
@@ -194,6 +204,9 @@ def read_header(src: Source, keywords: tuple[str, ...]) -> list[Any]:
     try:
         if "Rows" in ds and tsyntax in UNCOMPRESSED | {""} and "FloatPixelData" not in ds:
             need = _expected_pixel_bytes(ds)
+            if need and size <= pixel_offset:  # the header ends the file: no (7FE0,0010) element at all
+                return [FileIssue(src, "failed:no-pixels", "no PixelData element: the file ends after its header",
+                                  series=str(ds.get("SeriesInstanceUID", "")))]
             if need and pixel_offset + 8 + need > size:
                 have = max(0, size - pixel_offset - 8)
                 issue = FileIssue(

@@ -254,6 +254,9 @@ def write_volume(image: sitk.Image, path: Path) -> Path:
 
             raise_if_disk_full(path.parent, image.GetNumberOfPixels() * image.GetSizeOfPixelComponent())
             raise
+        from medcl_cli.core.files import shareable
+
+        shareable(gz_tmp)
         os.replace(gz_tmp, path)
     finally:
         for t in (raw_tmp, gz_tmp):
