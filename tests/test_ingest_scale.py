@@ -87,3 +87,18 @@ def test_twenty_thousand_files_against_dcm2niix(tmp_path):
     assert result["identical"] == result["volumes"] == 20
     assert result["ratio"] <= 1.5, result
     assert result["medcl_peak_pss_mb"] < 1024, result
+
+
+def test_walk_reads_each_file_once_through_overlaps_links_and_loops(tmp_path):
+    """The scandir walk keys files by device and inode: a folder given twice, a linked folder and a link
+    loop give each file once, in path order; a dangling link is still listed (and reported)."""
+    bench = _bench()
+    bench.write_synthetic(tmp_path / "data", 40, n_series=2)
+    (tmp_path / "data" / "again").symlink_to(tmp_path / "data" / "series000", target_is_directory=True)
+    (tmp_path / "data" / "series001" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    (tmp_path / "data" / "gone").symlink_to(tmp_path / "nowhere")
+    walked = scan.walk_inputs([tmp_path / "data", tmp_path / "data" / "series000"])
+    names = [s.path for s in walked.dicom]
+    assert len(names) == 40 and len(set(names)) == 40
+    assert names == sorted(names, key=lambda p: p.split("/"))
+    assert [i.status for i in walked.issues] == ["failed:unreadable"]
