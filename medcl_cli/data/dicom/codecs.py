@@ -36,6 +36,10 @@ class CodecError(Exception):
     """No installed decoder handles the file's transfer syntax (failed:codec)."""
 
 
+class DecodeError(Exception):
+    """The decoder rejected the compressed data: damaged or cut short (failed:pixels)."""
+
+
 def syntax_name(ts: str) -> str:
     if ts in DECODERS:
         return DECODERS[ts][0]
@@ -85,7 +89,7 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     except Exception as exc:  # decoding failures are classified below
         if ts in DECODERS:
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
-            raise ValueError(f"{syntax_name(ts)} ({ts}) data cannot be decoded by {DECODERS[ts][2]} "
+            raise DecodeError(f"{syntax_name(ts)} ({ts}) data cannot be decoded by {DECODERS[ts][2]} "
                              f"(damaged or truncated?): {last}") from None
         raise
     finally:

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from medcl_cli.data.dicom.codecs import CodecError, decode_pixels
+from medcl_cli.data.dicom.codecs import CodecError, DecodeError, decode_pixels
 from medcl_cli.data.dicom.frames import Frame
 from medcl_cli.data.dicom.series import SeriesPlan
 from medcl_cli.data.io import same_grid
@@ -103,7 +103,10 @@ def read_frames(plan: SeriesPlan) -> np.ndarray:
                 implicit, little = ds.original_encoding
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
                     pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-            arr = decode_pixels(ds)
+            try:
+                arr = decode_pixels(ds)
+            except DecodeError as exc:  # say which file: the others of the series may be fine
+                raise DecodeError(f"{exc} (file {Path(f.source.member or f.source.path).name})") from None
             if arr.ndim == 3 and f.nframes == 1 and arr.shape[-1] in (3, 4):
                 raise ValueError("colour (RGB) images are not supported as training volumes")
             cache[key] = arr.reshape((-1,) + arr.shape[-2:]) if arr.ndim >= 2 else arr
@@ -149,6 +152,8 @@ def convert_plan(plan: SeriesPlan, out_path: str) -> Converted:
         return _convert(plan, Path(out_path))
     except CodecError as exc:
         return Converted("failed:codec", str(exc))
+    except DecodeError as exc:
+        return Converted("failed:pixels", str(exc))
     except MemoryError:
         return Converted("failed:memory", "not enough memory to hold this series")
     except OSError as exc:
