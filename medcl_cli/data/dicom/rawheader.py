@@ -28,6 +28,8 @@ from medcl_cli.data.dicom.values import TEXT_VRS, convert
 
 HEAD = 8192  # bytes read first (most headers are shorter); doubled while the header goes on
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH",
+             b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}  # anything else: not explicit VR, let pydicom read it
 IMPLICIT = "1.2.840.10008.1.2"
 NOT_LITTLE = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated: pydicom reads them
 STOP = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
@@ -154,7 +156,7 @@ def _elements(buf: bytes, pos: int, implicit: bool, spans: dict[int, tuple[bytes
                     raise _More
                 length = _U32.unpack_from(buf, pos + 8)[0]
                 hdr = 12
-            elif vr.isalpha() and vr.isupper():
+            elif vr in SHORT_VRS:
                 length = _U16.unpack_from(buf, pos + 6)[0]
                 hdr = 8
             else:
