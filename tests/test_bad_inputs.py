@@ -22,6 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from medcl_cli.data.dicom.codecs import decoder_available
 import dicomgen as g
 import volumes as V
 
@@ -74,7 +75,7 @@ DICOM_EXPECT = {  # folder (first path part under the corpus) -> statuses that m
     "gaps": {"failed:gap"},
     "dups": {"failed:duplicates"},
     "mixed": {"ok"},  # MR and CT series of one study in one folder: two cases
-    "jpeg": {"failed:codec"},
+    "jpeg": {"failed:codec"},  # failed:pixels once python-gdcm is installed: bogus data (set below)
     "dicomdir": {"ignored:dicomdir", "ok"},
     "unicode ünï 日本": {"ok"},  # SeriesDescription '../../evil'
     "evil2": {"ok"},  # PatientID '../../../pwn', SeriesDescription with backslashes
@@ -146,13 +147,16 @@ def test_dicom_corpus_item(dicom_run, item):
             or (item == "broken link.dcm" and "missing-target" in r["source"])]
     assert rows, f"no report row for {item}"
     statuses = {r["status"] for r in rows}
-    assert DICOM_EXPECT[item] <= statuses, (item, statuses)
+    expect = DICOM_EXPECT[item]
+    if item == "jpeg" and decoder_available("1.2.840.10008.1.2.4.50"):
+        expect = {"failed:pixels"}
+    assert expect <= statuses, (item, statuses)
     for r in rows:
         assert "\n" not in r["reason"] and "Traceback" not in r["reason"]
         if r["status"].startswith("failed:"):
             assert r["reason"], r
     if item == "jpeg":
-        assert "pip install" in rows[0]["reason"]
+        assert "pip install" in rows[0]["reason"] or "cannot be decoded by python-gdcm" in rows[0]["reason"]
     if item == "mixed":
         assert {r["modality"] for r in rows if r["status"] == "ok"} == {"MR", "CT"}
 

@@ -28,7 +28,10 @@ class Row(Protocol):
 
 # (status prefix or reason fragment, hint); the first match wins
 _HINTS: tuple[tuple[str, str], ...] = (
+    ("no decoder for this transfer syntax", "decompress the series first (gdcmconv --raw, dcmdjpeg) and run ingest again"),
+    ("12-bit samples", "decompress the series first (dcmdjpeg from DCMTK) and run ingest again"),
     ("failed:codec", "install the decoder package named above (pip install ...) and run ingest again"),
+    ("cannot be decoded by", "the compressed pixel data are damaged or cut short: export the series again"),
     ("failed:4d", ("run ingest again with --frames split (one case per frame, <case>_f00, _f01, ...; one "
                    "patient) or --frames N (frame N only, 0-based)")),
     ("failed:nonfinite", "the file holds no finite voxel: export it again"),

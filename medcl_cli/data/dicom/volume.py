@@ -16,26 +16,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from medcl_cli.data.dicom.codecs import CodecError, DecodeError, decode_pixels
 from medcl_cli.data.dicom.frames import Frame
 from medcl_cli.data.dicom.series import SeriesPlan
 from medcl_cli.data.io import same_grid
-
-# transfer syntax -> what to install so pydicom can decode it
-CODEC_PLUGINS = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg-libjpeg)",
-    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg-libjpeg)",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
-}
-
 
 SERIAL_VOXELS = 8_000_000  # below this much pixel data, starting a pool costs more than it saves
 
@@ -57,27 +41,11 @@ class Converted:
     nonfinite: int = 0
 
 
-class CodecError(Exception):
-    pass
-
-
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return np.asarray(ds.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - decoding failures are classified below
-        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-        if ts in CODEC_PLUGINS:
-            raise CodecError(f"cannot decode transfer syntax {ts} ({exc.__class__.__name__}); "
-                             f"install: pip install {CODEC_PLUGINS[ts]}") from None
-        raise
-
-
-def _raw_frame(data: bytes | np.ndarray, f: Frame) -> np.ndarray:
+def _raw_frame(data: bytes | np.ndarray, f: Frame, offset: int | None = None) -> np.ndarray:
     """One frame straight from the file bytes, with BitsStored masking / sign extension like pydicom."""
     n = f.rows * f.cols
-    arr = np.frombuffer(data, dtype=f.dtype, count=n, offset=f.pixel_offset).reshape(f.rows, f.cols)
+    at = f.pixel_offset if offset is None else offset
+    arr = np.frombuffer(data, dtype=f.dtype, count=n, offset=at).reshape(f.rows, f.cols)
     alloc = arr.dtype.itemsize * 8
     if f.bits_stored and f.bits_stored < alloc:
         if arr.dtype.kind == "u":
@@ -92,6 +60,16 @@ def _read_raw(plan: SeriesPlan, out: np.ndarray) -> None:
     data: dict[str, Any] = {}
     for i, f in enumerate(plan.frames):
         key = f.source.label()
+        if f.nframes == 1 and f.source.member is None:  # one read of the frame's bytes: no map per file
+            need = f.rows * f.cols * np.dtype(f.dtype).itemsize
+            with open(f.source.path, "rb") as fh:
+                fh.seek(f.pixel_offset)
+                chunk = fh.read(need)
+            if len(chunk) < need:
+                raise ValueError(f"pixel data of {key} is truncated")
+            raw = _raw_frame(chunk, f, 0)
+            out[i] = raw * f.slope + f.intercept if (f.slope != 1.0 or f.intercept != 0.0) else raw
+            continue
         if key not in data:
             if f.source.member is None:
                 data = {key: np.memmap(f.source.path, dtype=np.uint8, mode="r")}
@@ -125,7 +103,10 @@ def read_frames(plan: SeriesPlan) -> np.ndarray:
                 implicit, little = ds.original_encoding
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
                     pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
-            arr = _pixels(ds)
+            try:
+                arr = decode_pixels(ds)
+            except DecodeError as exc:  # say which file: the others of the series may be fine
+                raise DecodeError(f"{exc} (file {Path(f.source.member or f.source.path).name})") from None
             if arr.ndim == 3 and f.nframes == 1 and arr.shape[-1] in (3, 4):
                 raise ValueError("colour (RGB) images are not supported as training volumes")
             cache[key] = arr.reshape((-1,) + arr.shape[-2:]) if arr.ndim >= 2 else arr
@@ -171,6 +152,8 @@ def convert_plan(plan: SeriesPlan, out_path: str) -> Converted:
         return _convert(plan, Path(out_path))
     except CodecError as exc:
         return Converted("failed:codec", str(exc))
+    except DecodeError as exc:
+        return Converted("failed:pixels", str(exc))
     except MemoryError:
         return Converted("failed:memory", "not enough memory to hold this series")
     except OSError as exc:
