@@ -64,7 +64,16 @@ def test_label_series_and_seg_objects_are_skipped(run, tmp_path, capsys):
     assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
     code, _, err = V.run_cli(capsys, "predict", str(run), str(src), "--out", str(tmp_path / "bad"), "--label-series", "(")
     assert code == 2 and "not a valid regular expression" in err
-    # a DICOM-SEG object beside its series is a label, never an image
+    # an RTSTRUCT and a DICOM-SEG object beside their series are labels, never images
+    import dicomgen as g
+    from pydicom.uid import RTStructureSetStorage, generate_uid
+
+    rt = g._base(RTStructureSetStorage, generate_uid(), generate_uid(), None, "RTSTRUCT")
+    rt.SeriesNumber, rt.SeriesDescription = 12, "contours"
+    rt.save_as(src / "t1" / "rt.dcm", enforce_file_format=True)
+    code, out, err = V.run_cli(capsys, "predict", str(run), str(src), "--out", str(tmp_path / "rt"), "--json")
+    assert code == 0 and "series 12 'contours': an RTSTRUCT object (a label, not an image)" in \
+        json.loads(out)["skipped_series"], err
     pytest.importorskip("highdicom")
     seg_out = tmp_path / "seg"
     code, _, err = V.run_cli(capsys, "predict", str(run), str(src / "t1"), "--out", str(seg_out), "--format", "dicom-seg")
