@@ -24,6 +24,7 @@ from pathlib import Path
 
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.io import read_image
+from medcl_cli.data.phi import REDACTED
 from medcl_cli.predict.item import PredictInput
 
 
@@ -123,7 +124,8 @@ def dicom_inputs(
     for row in rows:
         why = skip_reason(row.status, row.modality, label_series)
         if why:
-            text = skipped_text(row.series_number, redact.keep(row.description), why)
+            desc = "" if REDACTED in row.description else redact.keep(row.description)  # no half-redacted text
+            text = skipped_text(row.series_number, desc, why)
             rep.log(f"skipped {text}")
             if skipped is not None:
                 skipped.append(text)
