@@ -66,18 +66,33 @@ def test_split_in_patients_and_class_names_through_training_and_evaluation(brain
 
 def test_dicom_predictions_named_after_series_number_and_description(brain, tmp_path, capsys):
     """PGBM-001 has two studies: series 11 `T1post` is in both (told apart by a UID hash), the registered
-    FLAIR and T2 series and the masks (images to `predict`) have their own numbers. The patient folder (its name is the PatientName) and the
-    study date never reach a name; the sidecar records the folder as given, scrubbed."""
-    src, _, run, _ = brain
+    FLAIR and T2 series have their own numbers. The mask series are the run's label series (ingest's
+    `--label-series Mask`, recorded in dataset.json and the run's data profile): skipped and named, unless
+    `--label-series ''`. The patient folder (its name is the PatientName) and the study date never reach a
+    name; the sidecar records the folder as given, scrubbed."""
+    src, ds, run, _ = brain
+    assert json.loads((ds / "dataset.json").read_text())["label_series"] == "Mask"
+    assert json.loads((run / "run.json").read_text())["data_profile"]["label_series"] == "Mask"
     out = tmp_path / "p"
     code, stdout, err = V.run_cli(capsys, "predict", str(run), str(src / "PGBM-001"), "--out", str(out))
     assert code == 0, err
+    assert "6 written, 0 already present, 2 label series skipped, 0 failed" in stdout
+    for number in (5364, 5388):
+        assert f"skipped series {number} 'Mask_Tumor': the run's label series (--label-series Mask)" in err
     names = sorted(p.name[: -len(".json")] for p in out.glob("*.json"))
-    assert len(names) == 8 and sorted(p.name for p in out.glob("*.nii.gz")) == [f"{n}.nii.gz" for n in names]
+    assert len(names) == 6 and sorted(p.name for p in out.glob("*.nii.gz")) == [f"{n}.nii.gz" for n in names]
     t1 = [n for n in names if n.startswith("series_0011_T1post_")]
     assert len(t1) == 2 and all(re.fullmatch(r"series_0011_T1post_[0-9a-f]{8}", n) for n in t1)
     assert set(names) - set(t1) == {"series_35637_FLAIR_reg", "series_35623_FLAIR_reg", "series_37910_T2_reg",
-                                    "series_37908_T2_reg", "series_5364_Mask_Tumor", "series_5388_Mask_Tumor"}
+                                    "series_37908_T2_reg"}
+    masks = [p for p in (src / "PGBM-001").glob("*/*") if "Mask" in p.name]  # mask series folders, as a user gives them
+    code, _, err = V.run_cli(capsys, "predict", str(run), *map(str, masks), "--out", str(tmp_path / "m"))
+    assert code == 4 and "nothing to segment" in err, err
+    code, stdout, err = V.run_cli(capsys, "predict", str(run), *map(str, masks), "--out", str(tmp_path / "m"),
+                                  "--label-series", "")
+    assert code == 0 and "2 written" in stdout, err
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.json")) == ["series_5364_Mask_Tumor.json",
+                                                                     "series_5388_Mask_Tumor.json"]
     for n in names:
         side = json.loads((out / f"{n}.json").read_text())
         assert side["input"] == str(src / "<redacted>")  # PGBM-001 is the PatientName

@@ -29,6 +29,9 @@ def predict(
     allow_phi: Annotated[
         bool, typer.Option("--allow-phi", help="Copy patient/study attributes into DICOM SEG outputs.")
     ] = False,
+    label_series: Annotated[Optional[str], typer.Option(
+        "--label-series", help="Regex on SeriesDescription: DICOM series not to segment (masks). Default: the "
+                               "--label-series the run's data was ingested with; '' segments every series.")] = None,
     strict: StrictOpt = False,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -38,8 +41,11 @@ def predict(
 
     Each <name>.nii.gz copies the input's size, spacing, origin and direction; <name>.json records the
     label map, run id, method and the input's sha256. Outputs that exist are skipped unless --overwrite,
-    so re-running a killed predict completes only the missing cases. Exit 5 when some inputs failed
-    (the others are still written), 4 when every input found failed, 3 when nothing readable was found; 4 also
+    so re-running a killed predict completes only the missing cases. In DICOM folders the run's label series
+    (ingest's --label-series) and SEG/RTSTRUCT objects are skipped, each named on stderr. NaN/inf voxels of a
+    volume are replaced by its minimum finite value (a warning, and nonfinite_replaced in the sidecar). Exit 5 when some inputs failed
+    (the others are still written), 4 when every input found failed or every series was skipped, 3 when nothing
+    readable was found; 4 also
     for a pretraining-only run (fine-tune it first) or, with --strict, for an input far from the run's training
     data (otherwise a warning).
 
@@ -51,8 +57,8 @@ def predict(
     from medcl_cli.core.files import private_tempdir
     from medcl_cli.engine.device import describe, resolve_device
     from medcl_cli.errors import PartialSuccess
+    from medcl_cli.predict.discover import find_inputs
     from medcl_cli.predict.inference import load_model
-    from medcl_cli.predict.inputs import collect_inputs, ensure_found
     from medcl_cli.predict.runner import predict_all
 
     reporter = ConsoleReporter()
@@ -67,25 +73,21 @@ def predict(
         raise UsageError(f"--format dicom-seg is not available for a run on {model.num_channels} channels "
                          f"({', '.join(model.channel_names)})", "use the default --format nifti")
     with private_tempdir("medcl-predict-") as work:
-        if model.num_channels > 1:
-            from medcl_cli.predict.channel_inputs import collect_channel_inputs
-
-            found, failed = collect_channel_inputs(list(inputs), model.channel_names, work, reporter, exclude=out)
-        else:
-            found, failed = collect_inputs(list(inputs), work, reporter, exclude=out)
-        ensure_found(found, failed, list(inputs))
-        console.info(f"device: {describe(dev)}; {len(found)} volume(s) to segment")
+        found = find_inputs(model, list(inputs), work, reporter, exclude=out, label_series=label_series)
+        console.info(f"device: {describe(dev)}; {len(found.inputs)} volume(s) to segment")
         res = predict_all(
-            model, found, out, overwrite=overwrite, fmt=fmt, batch_size=batch_size or InferenceConfig().batch_size,
-            allow_phi=allow_phi, reporter=reporter, strict=strict,
+            model, found.inputs, out, overwrite=overwrite, fmt=fmt,
+            batch_size=batch_size or InferenceConfig().batch_size, allow_phi=allow_phi, reporter=reporter, strict=strict,
         )
-    res.failed = failed + res.failed
+    res.failed = found.failed + res.failed
     if as_json:
         console.result(json.dumps({"out": str(out), "written": res.written, "skipped": res.skipped,
+                                   "skipped_series": found.skipped,
                                    "failed": [{"input": i, "reason": r} for i, r in res.failed]}, indent=2))
     else:
+        labels = f", {len(found.skipped)} label series skipped" if found.skipped else ""
         console.result(
-            f"{len(res.written)} written, {len(res.skipped)} already present, {len(res.failed)} failed -> {out}"
+            f"{len(res.written)} written, {len(res.skipped)} already present{labels}, {len(res.failed)} failed -> {out}"
         )
         if res.skipped:
             console.info("existing outputs were kept; give --overwrite to recompute them")

@@ -285,6 +285,8 @@ def _ingest_into(req: IngestRequest, work: Path, out: Path, keywords: list[str],
         "medcl_version": __version__, "file_ending": ".nii.gz", "counts": counts, "split_patients": split_patients,
         "meta_columns": meta_cols[3:], "missing_meta": missing_meta,
     }
+    if req.label_series:  # what predict skips in a DICOM folder by default (the masks, not images to segment)
+        info["label_series"] = req.label_series
     if req.channels:
         info["channel_names"] = {str(k): name for k, name in enumerate(req.channels)}
     write_rows_atomic(case_rows, case_cols, work / "cases.csv")

@@ -5,6 +5,7 @@ predict` / `medcl evaluate` time (predict/fit.py) against what the model is aske
 
 ```
 {"modality": "MR", "channels": ["T1post", "FLAIR"], "n_channels": 2, "cases": 10,
+ "label_series": "Mask",                                      # ingest's --label-series, when it was given
  "spacing_mm": {"min": [x, y, z], "max": [x, y, z]},          # over the cases of cases.csv (x, y, z order)
  "intensity": [{"p1": .., "p50": .., "p99": .., "mean": .., "std": ..}, ...]}   # per channel, training only
 ```
@@ -80,6 +81,8 @@ def dataset_profile(folder: DatasetFolder, split: str | None = "train", intensit
         "cases": len(folder.cases),
         "spacing_mm": spacing_range(folder),
     }
+    if folder.info.get("label_series"):  # ingest's --label-series: predict skips such series (mask series)
+        profile["label_series"] = str(folder.info["label_series"])
     if intensity:
         per_channel: list[list[np.ndarray]] = [[] for _ in names]
         for cid in list(folder.cases["case_id"])[:INTENSITY_CASES]:

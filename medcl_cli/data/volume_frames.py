@@ -166,16 +166,17 @@ def masks_of(masks: tuple[np.ndarray, np.ndarray] | None, index: int | None, sha
     return nan.reshape(shape), inf.reshape(shape)
 
 
-def replace_nonfinite(image: sitk.Image, masks: tuple[np.ndarray, np.ndarray] | None) -> tuple[sitk.Image, str]:
-    """`image` with its NaN/inf voxels set to its minimum finite value, and the note for the report ("" when
-    there were none); FramesError (failed:nonfinite) when no voxel is finite."""
+def repair_nonfinite(image: sitk.Image, masks: tuple[np.ndarray, np.ndarray] | None
+                     ) -> tuple[sitk.Image, dict[str, int | float] | None]:
+    """`image` with its NaN/inf voxels set to its minimum finite value, and `{"nan": N, "inf": M, "value": v}`
+    (None when there were none); FramesError (failed:nonfinite) when no voxel is finite."""
     if masks is None:
-        return image, ""
+        return image, None
     nan, inf = masks
     bad = nan | inf
     n_nan, n_inf = int(nan.sum()), int(inf.sum())
     if not n_nan and not n_inf:
-        return image, ""
+        return image, None
     arr = sitk.GetArrayFromImage(image)
     if bool(bad.all()):
         raise FramesError(f"every voxel is NaN or inf ({n_nan} NaN, {n_inf} inf): no value to keep",
@@ -184,5 +185,30 @@ def replace_nonfinite(image: sitk.Image, masks: tuple[np.ndarray, np.ndarray] | 
     arr[bad] = low
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(image)
-    counts = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "inf")) if n)
-    return out, f"replaced {counts} voxel{'s' if n_nan + n_inf > 1 else ''} by the minimum {float(low):g}"
+    return out, {"nan": n_nan, "inf": n_inf, "value": float(low)}
+
+
+def nonfinite_note(counts: dict[str, int | float] | None) -> str:
+    """`replaced 3 NaN and 1 inf voxels by the minimum -2` ("" for None)."""
+    if not counts:
+        return ""
+    n_nan, n_inf = int(counts["nan"]), int(counts["inf"])
+    text = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "inf")) if n)
+    return f"replaced {text} voxel{'s' if n_nan + n_inf > 1 else ''} by the minimum {float(counts['value']):g}"
+
+
+def replace_nonfinite(image: sitk.Image, masks: tuple[np.ndarray, np.ndarray] | None) -> tuple[sitk.Image, str]:
+    """`image` with its NaN/inf voxels set to its minimum finite value, and the note for the report ("" when
+    there were none); FramesError (failed:nonfinite) when no voxel is finite."""
+    out, counts = repair_nonfinite(image, masks)
+    return out, nonfinite_note(counts)
+
+
+def read_repaired(path: Path) -> tuple[sitk.Image, dict[str, int | float] | None]:
+    """A NIfTI/NRRD/MHA volume (data/io.py read_image) with NaN/inf voxels replaced as ingest does (the raw
+    values read with nibabel for NIfTI) and what was replaced (None: nothing); FramesError when no voxel is
+    finite. What `medcl predict` reads its volume inputs with."""
+    from medcl_cli.data.io import read_image
+
+    image = read_image(path)
+    return repair_nonfinite(image, nonfinite_masks(path, image))

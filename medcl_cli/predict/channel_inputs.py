@@ -18,31 +18,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.channels import assign_channels, best_matches, stack_channels
 from medcl_cli.data.channels_nifti import classify, group_channel_files, pick_files
-from medcl_cli.data.io import is_volume_file, read_image, strip_suffix
+from medcl_cli.data.io import is_volume_file, strip_suffix
 from medcl_cli.errors import InputNotFoundError, UsageError
-from medcl_cli.predict.inputs import check_unique
+from medcl_cli.predict.inputs import check_unique, load_volume
 from medcl_cli.predict.item import PredictInput
 
 
-def _loader(paths: list[Path], finite: bool = True) -> Callable[[], sitk.Image]:
+def _loader(paths: list[Path], channels: list[str], info: dict[str, Any]) -> Callable[[], sitk.Image]:
     def load() -> sitk.Image:
-        image, _ = stack_channels([read_image(p, finite=finite) for p in paths])
+        info.pop("nonfinite_replaced", None)
+        image, _ = stack_channels([load_volume(p, info, ch) for p, ch in zip(paths, channels)])
         return image
 
     return load
 
 
 def _volume_case(name: str, paths: list[Path], channels: list[str]) -> PredictInput:
+    info: dict[str, Any] = {"channels": {ch: str(p) for ch, p in zip(channels, paths)}}  # each path as given
     return PredictInput(
-        name=name, kind="volume", files=list(paths), load=_loader(paths),
-        display=" + ".join(p.name for p in paths), given=str(paths[0]),
-        info={"channels": {ch: str(p) for ch, p in zip(channels, paths)}},  # each path as given
+        name=name, kind="volume", files=list(paths), load=_loader(paths, channels, info),
+        display=" + ".join(p.name for p in paths), given=str(paths[0]), info=info,
     )
 
 
@@ -61,9 +63,10 @@ def order_files(files: list[Path], channels: list[str]) -> list[Path]:
 
 def collect_channel_inputs(
     paths: list[Path], channels: list[str], workdir: Path, reporter: Reporter | None = None,
-    exclude: Path | None = None,
+    exclude: Path | None = None, label_series: str | None = None, skipped: list[str] | None = None,
 ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
-    """(one input per multi-channel case, (source, reason) of what failed); see the module docstring."""
+    """(one input per multi-channel case, (source, reason) of what failed); see the module docstring. DICOM
+    label series (`label_series`) and SEG/RTSTRUCT objects are left out and listed in `skipped`."""
     rep = reporter or NullReporter()
     skip = exclude.resolve() if exclude is not None else None
     failed: list[tuple[str, str]] = []
@@ -91,7 +94,7 @@ def collect_channel_inputs(
         else:
             found.append(_volume_case(name, [f.path for f in picked], channels))
     if dicom_roots:
-        dic, dic_failed = _dicom_cases(dicom_roots, channels, workdir, rep)
+        dic, dic_failed = _dicom_cases(dicom_roots, channels, workdir, rep, label_series, skipped)
         found.extend(dic)
         failed.extend(dic_failed)
     check_unique(found)
@@ -116,12 +119,17 @@ def _direct_cases(files: list[Path], channels: list[str], rep: Reporter) -> list
     return [_volume_case(name, ordered, channels)]
 
 
-def _dicom_cases(roots: list[Path], channels: list[str], workdir: Path, rep: Reporter
+def _dicom_cases(roots: list[Path], channels: list[str], workdir: Path, rep: Reporter,
+                 label_series: str | None = None, skipped: list[str] | None = None,
                  ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
-    """One input per study whose series match every channel (on SeriesDescription)."""
+    """One input per study whose series match every channel (on SeriesDescription); label series are not
+    candidates."""
     from medcl_cli.predict.dicom_inputs import dicom_inputs
 
-    series, failed = dicom_inputs(roots, workdir, rep)
+    left_out: list[str] = []
+    series, failed = dicom_inputs(roots, workdir, rep, label_series, left_out)
+    if skipped is not None:
+        skipped.extend(left_out)
     studies: dict[str, list[PredictInput]] = {}
     for s in series:
         studies.setdefault(s.study, []).append(s)
@@ -144,6 +152,6 @@ def _dicom_cases(roots: list[Path], channels: list[str], workdir: Path, rep: Rep
             display=first.display, frames=first.frames, given=first.given, pseudonym=first.pseudonym,
             info={**first.info, "channels": {ch: c.display for ch, c in zip(channels, chosen)}},
         ))
-    if not found and not failed:
+    if not found and not failed and not left_out:
         raise InputNotFoundError(f"no DICOM image series in {', '.join(map(str, roots))}", "check the folders")
     return found, failed

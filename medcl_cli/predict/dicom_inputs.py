@@ -7,7 +7,12 @@ is traced back to its series at a glance. No path component ever reaches an outp
 the PHI guard flags (a patient name or a date seen in the headers, data/meta.py) is left out. Names that
 would still collide (series 3 "T1 post" of several patients) take the first 8 hex digits of the SHA-256
 of their SeriesInstanceUID (`series_0003_T1_post_1a2b3c4d`); a series without number and description is
-`series_<12 hex>`. Mask/SEG series are not segmented.
+`series_<12 hex>`.
+
+Labels are not segmented: series whose SeriesDescription matches the run's label pattern (ingest's
+`--label-series`, recorded in the run's data profile; `predict --label-series` overrides it) are not even
+converted, and DICOM-SEG and RTSTRUCT objects never are images. Each skipped series is returned with its
+reason, for the log and the summary line.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from medcl_cli.core.report import NullReporter, Reporter
 from medcl_cli.data.io import read_image
+from medcl_cli.data.phi import REDACTED
 from medcl_cli.predict.item import PredictInput
 
 
@@ -67,10 +73,32 @@ def _source_paths(files: list[str]) -> list[Path]:
     return sorted({Path(f.split("!", 1)[0]) for f in files})
 
 
+LABEL_OBJECTS = {"SEG": "a DICOM-SEG object", "RTSTRUCT": "an RTSTRUCT object"}  # labels, never images
+
+
+def skip_reason(status: str, modality: str, label_series: str | None) -> str:
+    """Why a report row of a series is not segmented ("" when it is not one that predict skips)."""
+    if status == "ignored:label-series":
+        return f"the run's label series (--label-series {label_series})"
+    if status in ("ignored:seg", "ignored:non-image") and modality.upper() in LABEL_OBJECTS:
+        return f"{LABEL_OBJECTS[modality.upper()]} (a label, not an image)"
+    return ""
+
+
+def skipped_text(series_number: str, description: str, reason: str) -> str:
+    """`series 5377 'Mask_Tumor': <reason>` (the parts that are known)."""
+    what = " ".join(p for p in (f"series {series_number}" if series_number else "series",
+                                f"'{description}'" if description else "") if p)
+    return f"{what}: {reason}"
+
+
 def dicom_inputs(
-    roots: list[Path], workdir: Path, reporter: Reporter | None = None
+    roots: list[Path], workdir: Path, reporter: Reporter | None = None, label_series: str | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
-    """One input per image series found under `roots`, plus (source, reason) for what failed."""
+    """One input per image series found under `roots`, plus (source, reason) for what failed. The series
+    `label_series` matches (a regex on SeriesDescription) and SEG/RTSTRUCT objects are left out, each
+    appended to `skipped` as `series N 'description': reason` and logged."""
     from medcl_cli.config import IngestConfig
     from medcl_cli.data.dicom.cases import ingest_dicom
     from medcl_cli.data.dicom.scan import walk_inputs
@@ -90,10 +118,18 @@ def dicom_inputs(
     (workdir / "images").mkdir(parents=True, exist_ok=True)
     redact = Redactor()  # filled with the PHI of every header read
     cases, rows, _ = ingest_dicom(
-        walked.dicom, IngestConfig(), (), None, workdir, new_case_id, lambda s: s, redact, rep
+        walked.dicom, IngestConfig(), (), label_series or None, workdir, new_case_id, lambda s: s, redact, rep,
+        skip_labels=True,
     )
     for row in rows:
-        if row.status.startswith("failed") and not row.case_id:
+        why = skip_reason(row.status, row.modality, label_series)
+        if why:
+            desc = "" if REDACTED in row.description else redact.keep(row.description)  # no half-redacted text
+            text = skipped_text(row.series_number, desc, why)
+            rep.log(f"skipped {text}")
+            if skipped is not None:
+                skipped.append(text)
+        elif row.status.startswith("failed") and not row.case_id:
             failed.append((row.source, row.reason or row.status))
         elif row.status.startswith("ignored") and row.kind != "dicom-file":
             rep.log(f"{row.source}: {row.reason or row.status}", "debug")

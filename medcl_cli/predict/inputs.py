@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
 
 from medcl_cli.core.report import NullReporter, Reporter
-from medcl_cli.data.io import is_volume_file, read_image, strip_suffix
-from medcl_cli.errors import InputNotFoundError, UsageError
+from medcl_cli.data.io import is_volume_file, strip_suffix
+from medcl_cli.errors import InputNotFoundError, InvalidDataError, UsageError
 from medcl_cli.predict.item import PredictInput
 
 
@@ -17,21 +20,45 @@ def output_name(path: Path) -> str:
     return stem[:-5] if stem.endswith("_0000") and len(stem) > 5 else stem
 
 
+def load_volume(path: Path, info: dict[str, Any], channel: str | None = None) -> sitk.Image:
+    """A volume input, its NaN/inf voxels replaced by its minimum finite value as ingest does
+    (data/volume_frames.py); what was replaced goes into `info["nonfinite_replaced"]` (the sidecar), under
+    the channel's name for one channel of a multi-channel case. A volume without a finite voxel fails."""
+    from medcl_cli.data.volume_frames import FramesError, read_repaired
+
+    try:
+        image, counts = read_repaired(path)
+    except FramesError as exc:
+        raise InvalidDataError(f"{path.name}: {exc}", "export the volume again with real intensities") from None
+    if counts:
+        if channel is None:
+            info["nonfinite_replaced"] = counts
+        else:
+            info.setdefault("nonfinite_replaced", {})[channel] = counts
+    return image
+
+
 def _volume_input(path: Path) -> PredictInput:
-    return PredictInput(
-        name=output_name(path), kind="volume", files=[path], load=lambda: read_image(path, finite=True),
-        display=path.name, given=str(path),
-    )
+    item = PredictInput(name=output_name(path), kind="volume", files=[path], load=lambda: sitk.Image(),
+                        display=path.name, given=str(path))
+    def load() -> sitk.Image:
+        item.info.pop("nonfinite_replaced", None)
+        return load_volume(path, item.info)
+
+    item.load = load
+    return item
 
 
 def collect_inputs(
-    paths: list[Path], workdir: Path, reporter: Reporter | None = None, exclude: Path | None = None
+    paths: list[Path], workdir: Path, reporter: Reporter | None = None, exclude: Path | None = None,
+    label_series: str | None = None, skipped: list[str] | None = None,
 ) -> tuple[list[PredictInput], list[tuple[str, str]]]:
     """Every volume under `paths` (files, folders of volumes, DICOM folders) and the inputs that failed.
 
-    DICOM series are converted into `workdir` (a temporary folder the caller removes after predicting).
-    Volumes under `exclude` (the output folder, when it lies inside an input folder) are not inputs, so
-    a re-run never segments its own masks.
+    DICOM series are converted into `workdir` (a temporary folder the caller removes after predicting);
+    the label series (`label_series`, a regex on SeriesDescription) and SEG/RTSTRUCT objects are not, and
+    are listed in `skipped`. Volumes under `exclude` (the output folder, when it lies inside an input
+    folder) are not inputs, so a re-run never segments its own masks.
     """
     skip = exclude.resolve() if exclude is not None else None
     rep = reporter or NullReporter()
@@ -58,7 +85,7 @@ def collect_inputs(
     if dicom_roots:
         from medcl_cli.predict.dicom_inputs import dicom_inputs
 
-        dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep)
+        dic, dic_failed = dicom_inputs(dicom_roots, workdir, rep, label_series, skipped)
         found.extend(dic)
         failed.extend(dic_failed)
     _keep_suffix_where_it_collides(found)

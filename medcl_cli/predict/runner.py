@@ -120,6 +120,9 @@ def predict_all(
             from medcl_cli.data.profile import image_profile
 
             extra: dict[str, Any] = {}
+            fixed = item.info.get("nonfinite_replaced")
+            if fixed:  # NaN/inf voxels replaced as ingest does (predict/inputs.py load_volume); in the sidecar too
+                rep.log(f"{item.display}: {_nonfinite_text(fixed)}", "warning")
             notes = check_fit(model.profile, image_profile(image, item.info.get("modality")), item.display, strict)
             if notes:
                 rep.log(f"{item.display}: {'; '.join(notes)} (the mask may be poor; --strict refuses it)", "warning")
@@ -153,6 +156,15 @@ def predict_all(
     rep.finish(TASK)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _nonfinite_text(fixed: dict[str, Any]) -> str:
+    """The warning for the NaN/inf voxels replaced in an input (per channel for a multi-channel case)."""
+    from medcl_cli.data.volume_frames import nonfinite_note
+
+    if "nan" in fixed:
+        return nonfinite_note(fixed)
+    return "; ".join(f"{ch}: {nonfinite_note(c)}" for ch, c in fixed.items())
 
 
 def _is_resource(exc: BaseException) -> bool:

@@ -86,8 +86,12 @@ def ingest_dicom(
     display: Callable[[str], str],
     redact: Redactor,
     reporter: Reporter | None = None,
+    skip_labels: bool = False,
 ) -> tuple[list[DicomCase], list[ReportRow], list[Frame]]:
-    """(cases, report rows, all frames) for DICOM sources; images are written to workdir/images."""
+    """(cases, report rows, all frames) for DICOM sources; images are written to workdir/images.
+
+    `skip_labels` (what `medcl predict` reads with): the series `label_regex` matches are not converted
+    (`ignored:label-series` rows) and DICOM-SEG objects are not read (`ignored:seg` rows): no labels."""
     rep = reporter or NullReporter()
     frames, issues = scan_headers(sources, keywords, cfg.workers, rep)
     seen_phi = {v for f in frames for v in f.phi.values()} | {v for iss in issues for v in iss.phi.values()}
@@ -106,6 +110,10 @@ def ingest_dicom(
                               modality=fs[0].modality, series_number=fs[0].series_number,
                               description=redact(fs[0].description)))
     plans = plan_series(frames, cfg, label_regex)
+    if skip_labels:
+        for plan in plans:
+            if plan.role == "mask" and plan.status == "ok":
+                plan.status, plan.reason = "ignored:label-series", f"SeriesDescription matches '{label_regex}'"
     tasks: list[tuple[SeriesPlan, str]] = []
     ids: dict[int, str] = {}
     (workdir / ".masks").mkdir(parents=True, exist_ok=True)
@@ -153,7 +161,13 @@ def ingest_dicom(
         row.case_id = case.case_id
         cases.append(case)
     _attach_masks(cases, masks, plan_rows, workdir, redact)
-    _attach_segs(cases, frames, rows, workdir, display, redact)
+    if skip_labels:
+        for f in {f.source.label(): f for f in frames if f.kind == "seg"}.values():
+            rows.append(ReportRow(redact(display(f.source.label())), "dicom-seg", "ignored:seg",
+                                  "DICOM-SEG object (a label, not an image)", modality="SEG",
+                                  series_number=f.series_number, description=redact(f.description)))
+    else:
+        _attach_segs(cases, frames, rows, workdir, display, redact)
     return cases, rows, frames
 
 
