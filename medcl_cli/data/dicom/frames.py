@@ -6,14 +6,12 @@ orientation, spacing, rescale, frame type, echo, temporal index). Every later st
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
-from pydicom.tag import BaseTag
 
+from medcl_cli.data.dicom.values import tag_for
 from medcl_cli.data.meta import PHI_READ, format_value
 
 if TYPE_CHECKING:
@@ -81,22 +79,14 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
-@functools.cache
-def _tag(keyword: str) -> BaseTag:
-    tag = tag_for_keyword(keyword)
-    if tag is None:
-        raise KeyError(keyword)
-    return BaseTag(tag)
-
-
 def _get(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
     """ds.<keyword> through a cached integer tag: keyword look-ups were a third of the header-scan time."""
-    elem = ds.get(_tag(keyword))
+    elem = ds.get(tag_for(keyword))
     return default if elem is None else elem.value
 
 
 def _has(ds: pydicom.Dataset, keyword: str) -> bool:
-    return _tag(keyword) in ds
+    return tag_for(keyword) in ds
 
 
 def _flatten(item: Any) -> dict[str, Any]:

@@ -21,10 +21,10 @@ import struct
 from typing import Any, BinaryIO
 
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.tag import BaseTag
 
-from medcl_cli.data.dicom.values import TEXT_VRS, convert
+from medcl_cli.data.dicom.values import TEXT_VRS, convert, tag_for
 
 HEAD = 8192  # bytes read first (most headers are shorter); doubled while the header goes on
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -62,14 +62,6 @@ def _dict_vr(tag: int) -> str:
         return "UN"
 
 
-@functools.cache
-def _tag_of(keyword: str) -> int:
-    tag = tag_for_keyword(keyword)
-    if tag is None:
-        raise KeyError(keyword)
-    return int(tag)
-
-
 class RawHeader:
     """The header elements of one file, converted on access; quacks like the part of `pydicom.Dataset`
     that `frames.frames_of` and `scan.read_header` use: `get(tag)` gives an element with `.value`,
@@ -83,18 +75,18 @@ class RawHeader:
         self._encodings: list[str] | None = None
 
     def __contains__(self, key: object) -> bool:
-        return (_tag_of(key) if isinstance(key, str) else int(key)) in self._spans  # type: ignore[call-overload]
+        return (tag_for(key) if isinstance(key, str) else int(key)) in self._spans  # type: ignore[call-overload]
 
     def get(self, key: Any, default: Any = None) -> Any:
         if isinstance(key, str):
-            elem = self._element(_tag_of(key))
+            elem = self._element(tag_for(key))
             return default if elem is None else elem.value
         elem = self._element(int(key))
         return default if elem is None else elem
 
     def __getattr__(self, name: str) -> Any:
         if name[:1].isupper():
-            elem = self._element(_tag_of(name))
+            elem = self._element(tag_for(name))
             if elem is not None:
                 return elem.value
         raise AttributeError(name)

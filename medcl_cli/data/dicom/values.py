@@ -11,12 +11,14 @@ or numbers to other types, its converters run for everything.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
 from pydicom import config
 from pydicom import values as pv
 from pydicom.charset import default_encoding
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
@@ -106,3 +108,12 @@ def convert(tag: int, vr: str, raw: bytes, encodings: list[str], implicit: bool,
         return items[0] if len(items) == 1 else items
     elem = RawDataElement(BaseTag(tag), vr, length, raw, offset, implicit, True)
     return pv.convert_value(vr, elem, encodings or None)
+
+
+@functools.cache
+def tag_for(keyword: str) -> BaseTag:
+    """The tag of a DICOM keyword (cached: called per element read); KeyError for an unknown keyword."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return BaseTag(tag)
